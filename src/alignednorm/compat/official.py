@@ -1,0 +1,86 @@
+"""Import prompts trained with the official MMRL / MMRL++ / AlignedNorm code.
+
+Dassl saves the whole ``CustomCLIP`` state dict (frozen CLIP included) in
+``<output>/MultiModalRepresentationLearner/model.pth.tar-<epoch>``. We keep only the learned
+tensors and rename them onto our modules; the frozen CLIP weights in the file are ignored
+(ours come from the backbone checkpoint) and ``prompt_embeddings`` (class-specific) is dropped,
+as the official loader does.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from alignednorm.errors import CheckpointError
+from alignednorm.methods.base import Method
+
+# (official name pattern, our name) — applied in order, first match wins.
+_RULES = [
+    (r"representation_learner\.compound_rep_tokens$", "rep_tokens"),
+    (r"representation_learner\.srra_r2vproj\.weight$", "vision_aligner.weight"),
+    (r"representation_learner\.srra_r2tproj\.weight$", "text_aligner.weight"),
+    (r"representation_learner\.srra_r2vproj\.srra\.(\d+)\.(A|B|bias)$", r"vision_aligner.\2.\1"),
+    (r"representation_learner\.srra_r2tproj\.srra\.(\d+)\.(A|B|bias)$", r"text_aligner.\2.\1"),
+    (r"representation_learner\.compound_rep_tokens_r2vproj\.(\d+)\.(weight|bias)$", r"vision_aligner.layers.\1.\2"),
+    (r"representation_learner\.compound_rep_tokens_r2tproj\.(\d+)\.(weight|bias)$", r"text_aligner.layers.\1.\2"),
+    (r"image_encoder\.A$", "proj_A"),
+    (r"image_encoder\.B$", "proj_B"),
+    (r"image_encoder\.proj_rep$", "proj_rep"),
+]
+
+
+def official_to_ours(name: str) -> str | None:
+    """Our parameter name for an official learnable tensor, or ``None`` for frozen / unknown ones."""
+    name = name.removeprefix("module.")
+    for pattern, target in _RULES:
+        if re.match(pattern, name):
+            return re.sub(pattern, target, name)
+    return None
+
+
+def ours_to_official(name: str, official_names: list[str]) -> str | None:
+    """The official name that maps onto ``name`` (searching the given official names)."""
+    return next((o for o in official_names if official_to_ours(o) == name), None)
+
+
+def convert_official_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the learned tensors of an official state dict, under our names."""
+    out = {}
+    for name, tensor in state.items():
+        ours = official_to_ours(name)
+        if ours is not None:
+            out[ours] = tensor
+    if not out:
+        raise CheckpointError(
+            "no MMRL/MMRL++/AlignedNorm learnable tensors found (expected names such as "
+            "'representation_learner.compound_rep_tokens')"
+        )
+    return out
+
+
+def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a Dassl ``model.pth.tar-N`` (or a bare state dict / safetensors) of the official code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"official checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable Dassl checkpoint ({type(exc).__name__}: {exc})") from exc
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict with a 'state_dict' entry (Dassl's save_checkpoint format)")
+    return state
+
+
+def import_official(method: Method, path: str | Path) -> None:
+    """Load learned values from an official checkpoint into ``method`` (strict on what it needs)."""
+    state = convert_official_state(read_official_checkpoint(path))
+    method.load_learnable_state_dict(state, source=str(path))

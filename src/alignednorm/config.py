@@ -1,0 +1,128 @@
+"""Run configuration: dataclass schemas merged with OmegaConf in a documented order.
+
+Precedence, later wins: schema defaults ← method preset (``configs/methods/<method>.yaml``) ←
+the preset's protocol section ← its per-dataset section for that protocol ← the user's YAML ←
+``--set key=value`` options. Unknown keys and wrong types raise :class:`ConfigError` naming
+the key, the file it came from and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from alignednorm.engine.trainer import TrainConfig
+from alignednorm.errors import ConfigError
+from alignednorm.methods import get_method_class
+
+PROTOCOLS = ("base2new", "crossdataset", "domaingen", "fewshot")
+
+
+@dataclass
+class DataConfig:
+    """How images are read and augmented.
+
+    Attributes:
+        crop_scale: RandomResizedCrop scale range for training images.
+        eval_batch_size: images per evaluation batch.
+        skip_corrupt: skip unreadable images (and count them) instead of failing.
+    """
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    eval_batch_size: int = 100
+    skip_corrupt: bool = False
+
+
+def preset_path(method: str) -> Path:
+    return Path(str(resources.files("alignednorm") / "configs" / "methods" / f"{method}.yaml"))
+
+
+def _schema(method: str) -> DictConfig:
+    method_cls = get_method_class(method).Config
+    return OmegaConf.create({
+        "method": OmegaConf.structured(method_cls),
+        "train": OmegaConf.structured(TrainConfig),
+        "data": OmegaConf.structured(DataConfig),
+    })
+
+
+def _valid_keys(schema: DictConfig) -> list[str]:
+    return [f"{section}.{key}" for section in schema for key in schema[section]]
+
+
+def _merge(base: DictConfig, part, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, part)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        close = difflib.get_close_matches(str(key), _valid_keys(base), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{source}: bad config key or value {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}"
+                          f"{hint}") from None
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        data = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except Exception as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _preset_layers(method: str, protocol: str | None, dataset: str | None) -> list[tuple[object, str]]:
+    path = preset_path(method)
+    if not path.is_file():
+        return []
+    preset = _load_yaml(path)
+    layers = [({k: preset[k] for k in ("method", "train", "data") if k in preset}, str(path))]
+    section = preset.get("protocols", {}).get(protocol, {}) if protocol else {}
+    if section:
+        layers.append(({k: section[k] for k in ("method", "train", "data") if k in section},
+                       f"{path} protocols.{protocol}"))
+        per_dataset = section.get("datasets", {}).get(dataset, {}) if dataset else {}
+        if per_dataset:
+            layers.append((per_dataset, f"{path} protocols.{protocol}.datasets.{dataset}"))
+    return layers
+
+
+def resolve_config(method: str, protocol: str | None = None, dataset: str | None = None,
+                   user_yaml: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """The merged config ``{method, train, data}`` for one run, validated."""
+    cfg = _schema(method)
+    for part, source in _preset_layers(method, protocol, dataset):
+        cfg = _merge(cfg, part, source)
+    if user_yaml is not None:
+        cfg = _merge(cfg, _load_yaml(Path(user_yaml)), str(user_yaml))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=5")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"--set {item}")
+    build(method, cfg)  # run every dataclass's own checks now, before any work
+    return cfg
+
+
+def build(method: str, cfg: DictConfig):
+    """Turn a resolved config into ``(method config, TrainConfig, DataConfig)`` objects."""
+    method_cls = get_method_class(method).Config
+    as_dict = OmegaConf.to_container(cfg, resolve=True)
+    return (_instantiate(method_cls, as_dict["method"]), _instantiate(TrainConfig, as_dict["train"]),
+            _instantiate(DataConfig, as_dict["data"]))
+
+
+def _instantiate(cls, values: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

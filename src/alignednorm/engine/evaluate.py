@@ -1,0 +1,38 @@
+"""Top-1 accuracy (overall and per class) of a method's inference rule on a data loader."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from alignednorm.methods.base import Method
+
+
+@torch.no_grad()
+def evaluate(method: Method, loader: DataLoader, subset: str = "all", progress: bool = True,
+             desc: str = "eval") -> dict:
+    """Run ``method.predict`` over ``loader``.
+
+    Returns:
+        ``{"accuracy": %, "num_samples": N, "per_class_accuracy": [% per label], "macro_accuracy": %}``.
+    """
+    method.eval()
+    device = next(method.backbone.parameters()).device
+    num_classes = len(method.classnames)
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    total = torch.zeros(num_classes, dtype=torch.long)
+    for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        logits = method.predict(images.to(device), subset=subset)
+        hits = (logits.argmax(dim=-1).cpu() == labels).long()
+        total += torch.bincount(labels, minlength=num_classes)
+        correct += torch.bincount(labels, weights=hits, minlength=num_classes).long()
+    seen = total > 0
+    per_class = torch.where(seen, 100.0 * correct / total.clamp(min=1), torch.nan)
+    n = int(total.sum())
+    return {
+        "accuracy": 100.0 * int(correct.sum()) / max(n, 1),
+        "num_samples": n,
+        "macro_accuracy": float(per_class[seen].mean()) if seen.any() else float("nan"),
+        "per_class_accuracy": [None if torch.isnan(a) else round(float(a), 4) for a in per_class],
+    }

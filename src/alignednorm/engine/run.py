@@ -1,0 +1,178 @@
+"""One run: load data and backbone, train a method, evaluate it, write the run folder.
+
+A run folder holds ``config.yaml`` (the resolved config), ``run.json`` (what was run: method,
+dataset, shots, seed, backbone file and checksum, class names), ``learnable.safetensors``,
+``checkpoint.pt`` while training, ``log.jsonl`` and finally ``metrics.json``. Every file is
+written atomically; a folder with ``metrics.json`` is complete and is skipped unless forced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from alignednorm import data as D
+from alignednorm.backbone.clip import ClipBackbone
+from alignednorm.config import build, to_yaml
+from alignednorm.engine.evaluate import evaluate
+from alignednorm.engine.io import save_tensors, write_json, write_text
+from alignednorm.engine.trainer import Trainer, seed_everything
+from alignednorm.errors import AlignedNormError
+from alignednorm.methods import Method, create_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSpec:
+    """What to run.
+
+    Attributes:
+        method: registered method name.
+        dataset: dataset to train on (catalog name).
+        data_root: the CoOp-layout data folder.
+        clip: backbone checkpoint file; ``clip_model`` its open_clip name for open_clip checkpoints.
+        output: the run folder.
+        config: the resolved ``{method, train, data}`` config.
+        shots: K-shot training (0 = all training images).
+        train_subset: classes trained on: ``base`` (base-to-new) or ``all``.
+        evals: ``(name, dataset, subset)`` triples evaluated after training.
+        cache_dir: few-shot index cache (default: ``<data_root>/../.alignednorm-cache`` is avoided;
+            ``<output>/../../.cache`` keeps it beside the runs).
+    """
+
+    method: str
+    dataset: str
+    data_root: str
+    clip: str
+    output: str
+    config: DictConfig
+    shots: int = 16
+    train_subset: str = "base"
+    evals: list[tuple[str, str, str]] = field(default_factory=lambda: [("base", "", "base"), ("new", "", "new")])
+    clip_model: str | None = None
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RunLock:
+    """An exclusive lock file in the run folder, so two processes never write one run."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = self.path.read_text().strip() or "?"
+            if owner.isdigit() and not _pid_alive(int(owner)):
+                self.path.unlink(missing_ok=True)  # left behind by a killed process
+                return self.__enter__()
+            raise AlignedNormError(f"run folder {self.path.parent} is in use by process {owner} (lock {self.path})")
+        except OSError as exc:
+            raise AlignedNormError(f"cannot write to run folder {self.path.parent}: {exc.strerror}") from exc
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load_split(spec: RunSpec, dataset: str, subset: str, seed: int) -> D.DatasetSplits:
+    """The dataset's splits after Dassl's few-shot sampling and CoOp's base/new selection."""
+    splits = D.load_splits(dataset, spec.data_root)
+    if spec.shots > 0 and dataset == spec.dataset:
+        cache = spec.cache_dir or str(Path(spec.output).resolve().parent / ".fewshot-cache")
+        splits = D.few_shot_splits(splits, spec.shots, seed, cache_dir=cache)
+    return D.subsample_classes(splits, subset)
+
+
+def eval_loader(items, backbone: ClipBackbone, batch_size: int, skip_corrupt: bool) -> DataLoader:
+    transform = D.build_transform(backbone.image_size, train=False)
+    return DataLoader(D.ImageListDataset(items, transform, skip_corrupt=skip_corrupt), batch_size=batch_size)
+
+
+def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = False) -> dict:
+    """Train (unless nothing is learnable) and evaluate; returns the metrics written."""
+    run_dir = Path(spec.output)
+    if (run_dir / "metrics.json").is_file() and not force:
+        log.info("skipping %s: metrics.json exists (use --force to re-run)", run_dir)
+        return json.loads((run_dir / "metrics.json").read_text())
+    with RunLock(run_dir):
+        return _execute(spec, run_dir, backbone)
+
+
+def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None) -> dict:
+    method_cfg, train_cfg, data_cfg = build(spec.method, spec.config)
+    seed_everything(train_cfg.seed)
+    backbone = backbone or ClipBackbone.from_file(spec.clip, spec.clip_model)
+    method = create_method(spec.method, backbone, method_cfg)
+    template = D.get_dataset(spec.dataset).template
+    train_split = load_split(spec, spec.dataset, spec.train_subset, train_cfg.seed)
+    method.set_classnames(train_split.classnames, template)
+    write_text(run_dir / "config.yaml", to_yaml(spec.config))
+    write_json(run_dir / "run.json", _run_info(spec, train_split, backbone))
+    train_stats = {}
+    if method.learnable_parameters():
+        transform = D.build_transform(backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale))
+        dataset = D.ImageListDataset(train_split.train, transform, skip_corrupt=data_cfg.skip_corrupt)
+        trainer = Trainer(method, train_cfg, run_dir, progress=spec.progress)
+        train_stats = trainer.fit(dataset)
+        save_tensors(run_dir / "learnable.safetensors", method.learnable_state_dict(),
+                     metadata={"method": spec.method, "classnames": json.dumps(train_split.classnames)})
+    metrics = {"method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "seed": train_cfg.seed,
+               "train": train_stats, "eval": {}}
+    for name, dataset, subset in spec.evals:
+        metrics["eval"][name] = evaluate_on(spec, method, dataset or spec.dataset, subset, train_cfg.seed, data_cfg)
+    write_json(run_dir / "metrics.json", metrics)
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete; learnable.safetensors stays
+    return metrics
+
+
+def evaluate_on(spec: RunSpec, method: Method, dataset: str, subset: str, seed: int, data_cfg) -> dict:
+    """Accuracy of ``method`` on ``dataset``'s test split restricted to ``subset``."""
+    split = load_split(spec, dataset, subset, seed)
+    method.set_classnames(split.classnames, D.get_dataset(dataset).template)
+    loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
+    result = evaluate(method, loader, subset=subset, progress=spec.progress, desc=f"eval {dataset}/{subset}")
+    result.update(dataset=dataset, subset=subset, num_classes=len(split.classnames))
+    log.info("%s %s/%s: %.2f%%", spec.method, dataset, subset, result["accuracy"])
+    return result
+
+
+def _run_info(spec: RunSpec, split: D.DatasetSplits, backbone: ClipBackbone) -> dict:
+    return {
+        "method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "train_subset": spec.train_subset,
+        "classnames": split.classnames, "template": D.get_dataset(spec.dataset).template,
+        "clip": str(Path(spec.clip).resolve()), "clip_model": spec.clip_model, "clip_sha256": file_sha256(spec.clip),
+        "torch": torch.__version__,
+    }

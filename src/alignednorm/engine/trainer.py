@@ -1,0 +1,222 @@
+"""A generic training loop: any method's ``training_step``, AdamW, warm-up + cosine, resume.
+
+The trainer knows nothing about methods: it back-propagates ``loss`` from the dict a method
+returns and logs every term. Each epoch ends with an atomic checkpoint (learned tensors,
+optimiser, scaler, RNG states), so a killed run resumes to the same result; the data order
+and augmentation of epoch ``e`` depend only on ``(seed, e)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from tqdm.auto import tqdm
+
+from alignednorm.engine.io import save_torch
+from alignednorm.errors import AlignedNormError, ConfigError
+from alignednorm.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class TrainingDiverged(AlignedNormError):
+    """A loss or gradient became NaN/inf."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (Dassl's names in brackets).
+
+    Attributes:
+        epochs: training epochs (OPTIM.MAX_EPOCH).
+        batch_size: images per optimiser step, before accumulation (DATALOADER.TRAIN_X.BATCH_SIZE).
+        lr: peak learning rate of AdamW (OPTIM.LR).
+        weight_decay: AdamW weight decay (OPTIM.WEIGHT_DECAY; Dassl's default 5e-4).
+        warmup_epochs: epochs at the constant ``warmup_lr`` before the cosine (OPTIM.WARMUP_EPOCH).
+        warmup_lr: the constant warm-up learning rate (OPTIM.WARMUP_CONS_LR).
+        precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + loss scaling).
+        grad_accum: micro-batches accumulated per optimiser step.
+        seed: seeds sampling order, augmentation and initialisation.
+        num_workers: data-loading worker processes.
+        log_every: steps between JSONL log lines.
+    """
+
+    epochs: int = 5
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    precision: str = "fp32"
+    grad_accum: int = 1
+    seed: int = 1
+    num_workers: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision = {self.precision!r}; expected one of {PRECISIONS}")
+        for name in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected an integer >= 1")
+        for name in ("lr", "weight_decay", "warmup_lr", "warmup_epochs", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected a value >= 0")
+
+
+def lr_at_epoch(config: TrainConfig, epoch: int) -> float:
+    """Dassl's schedule: constant warm-up, then cosine over ``epochs`` counted after warm-up."""
+    if epoch < config.warmup_epochs:
+        return config.warmup_lr
+    return 0.5 * config.lr * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / config.epochs))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Train ``method`` on a dataset of ``(image, label)`` pairs.
+
+    Args:
+        method: any registered :class:`Method` with its class names set.
+        config: optimisation settings.
+        run_dir: where ``checkpoint.pt`` and ``log.jsonl`` go; ``None`` keeps nothing on disk.
+        progress: show a progress bar.
+    """
+
+    def __init__(self, method: Method, config: TrainConfig, run_dir: str | Path | None = None, progress: bool = True):
+        self.method = method
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.progress = progress
+        self.device = next(method.backbone.parameters()).device
+        params = method.learnable_parameters()
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.start_epoch = 0
+        self.global_step = 0
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / "checkpoint.pt" if self.run_dir else None
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, epoch: int) -> None:
+        if self.checkpoint_path is None:
+            return
+        state = {
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "learnable": self.method.learnable_state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scaler": self.scaler.state_dict(),
+            "config": asdict(self.config),
+        }
+        save_torch(self.checkpoint_path, state)
+
+    def try_resume(self) -> bool:
+        """Load ``checkpoint.pt`` when present; returns whether training resumes from it."""
+        if self.checkpoint_path is None or not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        self.method.load_learnable_state_dict(state["learnable"], source=str(self.checkpoint_path))
+        if self.optimizer and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = state["epoch"] + 1
+        self.global_step = state["global_step"]
+        log.info("resumed %s after epoch %d", self.checkpoint_path, state["epoch"] + 1)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def _loader(self, dataset: Dataset, epoch: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        drop_last = len(dataset) >= self.config.batch_size  # as Dassl: never an empty epoch
+        return DataLoader(dataset, batch_size=self.config.batch_size, sampler=RandomSampler(dataset, generator=generator),
+                          num_workers=self.config.num_workers, drop_last=drop_last, generator=generator)
+
+    def _log(self, record: dict) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def _check_finite(self, terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+        if not torch.isfinite(terms["loss"]):
+            values = {k: float(v) for k, v in terms.items()}
+            raise TrainingDiverged(
+                f"loss became non-finite at epoch {epoch + 1}, step {step} (global step {self.global_step}): "
+                f"{values}; the last good checkpoint is {self.checkpoint_path or 'not kept (no run dir)'}"
+            )
+
+    def fit(self, dataset: Dataset, resume: bool = True) -> dict:
+        """Train for ``config.epochs`` epochs; returns the mean loss terms of the last epoch."""
+        if self.optimizer is None:
+            return {}
+        if resume:
+            self.try_resume()
+        last: dict = {}
+        for epoch in range(self.start_epoch, self.config.epochs):
+            last = self._train_epoch(dataset, epoch)
+            self.method.on_epoch_end(epoch, self.config.epochs)
+            self.save_checkpoint(epoch)
+        return last
+
+    def _train_epoch(self, dataset: Dataset, epoch: int) -> dict:
+        seed_everything(self.config.seed * 1_000 + epoch)  # augmentation RNG depends on (seed, epoch) only
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at_epoch(self.config, epoch)
+        self.method.train()
+        loader = self._loader(dataset, epoch)
+        sums: dict[str, float] = {}
+        start = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=not self.progress, leave=False)
+        for step, (images, labels) in enumerate(bar):
+            with self._autocast():
+                terms = self.method.training_step((images.to(self.device), labels.to(self.device)))
+            self._check_finite(terms, epoch, step)
+            self.scaler.scale(terms["loss"] / self.config.grad_accum).backward()
+            if (step + 1) % self.config.grad_accum == 0 or step + 1 == len(loader):
+                self._optimizer_step(epoch, step)
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            if step % self.config.log_every == 0:
+                self._log({"epoch": epoch + 1, "step": step, "global_step": self.global_step,
+                           "lr": self.optimizer.param_groups[0]["lr"], **{k: float(v.detach()) for k, v in terms.items()}})
+            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}")
+        means = {k: v / max(len(loader), 1) for k, v in sums.items()}
+        self._log({"epoch": epoch + 1, "epoch_mean": means, "seconds": round(time.time() - start, 3)})
+        return means
+
+    def _optimizer_step(self, epoch: int, step: int) -> None:
+        self.scaler.unscale_(self.optimizer)
+        if self.config.precision != "fp16":  # under fp16 the scaler skips steps with inf gradients
+            for p in self.method.learnable_parameters():
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    raise TrainingDiverged(
+                        f"non-finite gradient at epoch {epoch + 1}, step {step}; "
+                        f"the last good checkpoint is {self.checkpoint_path or 'not kept (no run dir)'}"
+                    )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1

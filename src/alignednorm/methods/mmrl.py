@@ -1,0 +1,44 @@
+"""MMRL (Guo & Gu, CVPR 2025): MMRL++'s predecessor, from the same official repository.
+
+Differences from MMRL++ (specs/mmrlpp.md §1.2–1.5): an independent full linear aligner per
+prompted layer, plain replacement at later layers (no progressive mixing), and a separate full
+projection for the representation branch, randomly initialised as the official code does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from alignednorm.methods.base import register_method
+from alignednorm.methods.mmrlpp import MMRLpp
+from alignednorm.prompts.representation import LinearAligner
+
+
+@register_method("mmrl")
+class MMRL(MMRLpp):
+    """MMRL with the decoupled (official) or unified inference rule."""
+
+    @dataclass
+    class Config(MMRLpp.Config):
+        """MMRL settings; ``prc_beta``, ``res_lora_dim`` and ``proj_lora_dim`` are unused (MMRL replaces)."""
+
+        prc_beta: float = 1.0
+
+    @property
+    def prc_beta(self) -> float:
+        return 1.0
+
+    def build_aligners(self) -> None:
+        cfg, bb = self.config, self.backbone
+        self.vision_aligner = LinearAligner(len(cfg.rep_layers), cfg.rep_dim, bb.vision_width)
+        self.text_aligner = LinearAligner(len(cfg.rep_layers), cfg.rep_dim, bb.text_width)
+
+    def build_rep_projection(self) -> None:
+        width, embed = self.backbone.vision_width, self.backbone.embed_dim
+        self.proj_rep = nn.Parameter(torch.randn(width, embed) * width**-0.5)
+
+    def rep_projection(self) -> Tensor:
+        return self.proj_rep

@@ -1,0 +1,201 @@
+"""MMRL++ (Guo & Gu, 2025): a shared representation space mapped into both towers from layer J.
+
+Exactly as the official code computes it (specs/mmrlpp.md §1–3): shared tokens R, one
+shared-residual aligner per tower, insertion after the first token at layer J and progressive
+mixing (weight ``prc_beta``) at later layers, a class branch through CLIP's frozen projection
+and a representation branch (``ln_post`` per token → mean → ``proj + A B``).
+
+Names: ``class_branch_weight`` is the code's ``ALPHA`` (weight of the class-token logits; the
+AlignedNorm paper's α is ``1 − class_branch_weight``); ``prc_beta`` is the code's ``BETA``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alignednorm.backbone.hooks import Trace
+from alignednorm.errors import ConfigError
+from alignednorm.losses.anchoring import cosine_anchor
+from alignednorm.methods.base import Method, MethodConfig, Outputs, check_range, register_method
+from alignednorm.prompts.representation import ResidualAligner, representation_hook
+
+INFERENCE_RULES = ("decoupled", "unified")
+
+
+@register_method("mmrlpp")
+class MMRLpp(Method):
+    """MMRL++ with the decoupled (official) or unified inference rule."""
+
+    @dataclass
+    class Config(MethodConfig):
+        """MMRL++ settings (official config keys in brackets).
+
+        Attributes:
+            n_rep_tokens: representation tokens n (N_REP_TOKENS).
+            rep_layers: 1-based blocks whose input carries the tokens, ascending (REP_LAYERS).
+            rep_dim: width r of the shared representation space (REP_DIM).
+            res_lora_dim: rank of each layer's aligner residual (RES_LORA_DIM).
+            proj_lora_dim: rank of the representation branch's projection adapter (PROJ_LORA_DIM).
+            class_branch_weight: weight of the class-token branch in the fused logits and in the
+                cross-entropy (ALPHA; the AlignedNorm paper's α is 1 − this).
+            prc_beta: weight of the freshly mapped tokens when mixing at layers after J (BETA).
+            reg_weight: weight λ of both cosine anchors to frozen CLIP (REG_WEIGHT).
+            inference: ``decoupled`` (base: fused logits, new/other: class branch, as the official
+                code) or ``unified`` (fused logits for every sample).
+            logit_scale: the constant the official code multiplies cosines by.
+        """
+
+        n_rep_tokens: int = 5
+        rep_layers: list[int] = field(default_factory=lambda: list(range(6, 13)))
+        rep_dim: int = 512
+        res_lora_dim: int = 4
+        proj_lora_dim: int = 64
+        class_branch_weight: float = 0.7
+        prc_beta: float = 0.9
+        reg_weight: float = 1.0
+        inference: str = "decoupled"
+        logit_scale: float = 100.0
+
+        def validate(self) -> None:
+            for name in ("n_rep_tokens", "rep_dim", "res_lora_dim", "proj_lora_dim"):
+                check_range(self, name, 1)
+            for name in ("class_branch_weight", "prc_beta"):
+                check_range(self, name, 0.0, 1.0)
+            check_range(self, "reg_weight", 0.0)
+            layers = list(self.rep_layers)
+            if not layers or layers != list(range(layers[0], layers[0] + len(layers))) or layers[0] < 1:
+                raise ConfigError(f"rep_layers = {layers}; expected ascending consecutive 1-based layers")
+            if self.inference not in INFERENCE_RULES:
+                raise ConfigError(f"inference = {self.inference!r}; expected one of {INFERENCE_RULES}")
+
+    def __init__(self, backbone, config=None):
+        super().__init__(backbone, config)
+        cfg = self.config
+        depth = min(backbone.vision_layers, backbone.text_layers)
+        if max(cfg.rep_layers) > depth:
+            raise ConfigError(f"rep_layers = {list(cfg.rep_layers)} goes past the backbone's {depth} layers")
+        self.rep_tokens = nn.Parameter(torch.randn(cfg.n_rep_tokens, cfg.rep_dim) * 0.02)
+        self.build_aligners()
+        self.build_rep_projection()
+        self._text_cache: Tensor | None = None
+
+    # ------------------------------------------------------------------ modules
+    def build_aligners(self) -> None:
+        cfg, bb = self.config, self.backbone
+        self.vision_aligner = ResidualAligner(len(cfg.rep_layers), cfg.rep_dim, bb.vision_width, cfg.res_lora_dim)
+        self.text_aligner = ResidualAligner(len(cfg.rep_layers), cfg.rep_dim, bb.text_width, cfg.res_lora_dim)
+
+    def build_rep_projection(self) -> None:
+        """``proj + A B``: a low-rank adapter on CLIP's frozen projection, ``B`` starting at zero."""
+        q = self.config.proj_lora_dim
+        self.proj_A = nn.Parameter(torch.empty(self.backbone.vision_width, q))
+        nn.init.kaiming_uniform_(self.proj_A, a=math.sqrt(5))
+        self.proj_B = nn.Parameter(torch.zeros(q, self.backbone.embed_dim))
+
+    def rep_projection(self) -> Tensor:
+        return self.backbone.model.visual.proj + self.proj_A @ self.proj_B  # (W, E)
+
+    @property
+    def prc_beta(self) -> float:
+        return self.config.prc_beta
+
+    # ------------------------------------------------------------------ class names
+    def set_classnames(self, classnames: list[str], template: str = "a photo of a {}.") -> None:
+        super().set_classnames(classnames, template)
+        device = self.rep_tokens.device
+        ids = self.backbone.tokenize(self.prompts()).to(device)
+        self.register_buffer("token_ids", ids, persistent=False)
+        with torch.no_grad():
+            frozen = self.backbone.encode_text(ids).features
+        self.register_buffer("frozen_text_features", F.normalize(frozen, dim=-1), persistent=False)
+        self._text_cache = None
+
+    def train(self, mode: bool = True):
+        self._text_cache = None  # learned values may change from here on
+        return super().train(mode)
+
+    def load_learnable_state_dict(self, state, source="checkpoint"):
+        super().load_learnable_state_dict(state, source)
+        self._text_cache = None
+
+    # ------------------------------------------------------------------ forward
+    def mapped_tokens(self) -> tuple[Tensor, Tensor]:
+        """Vision ``(K, n, W_v)`` and text ``(K, n, W_t)`` tokens for every prompted layer."""
+        return self.vision_aligner(self.rep_tokens), self.text_aligner(self.rep_tokens)
+
+    def text_features(self, text_tokens: Tensor, trace: Trace | None = None) -> Tensor:
+        """Prompted text features ``(C, E)``, not normalised."""
+        hook = representation_hook(text_tokens, list(self.config.rep_layers), self.prc_beta)
+        return self.backbone.encode_text(self.token_ids, hook=hook, trace=trace).features
+
+    def image_branches(self, images: Tensor, vision_tokens: Tensor, trace: Trace | None = None) -> dict[str, Tensor]:
+        """``z_c`` and ``z_p`` ``(B, E)`` before normalisation, plus the ``ln_post`` inputs to them."""
+        hook = representation_hook(vision_tokens, list(self.config.rep_layers), self.prc_beta)
+        out = self.backbone.encode_image(images, hook=hook, trace=trace)
+        n, start = self.config.n_rep_tokens, out.prompt_start
+        rep_ln_mean = out.tokens[:, start : start + n].mean(dim=1)  # ln_post per token, then mean
+        return {
+            "z_c": out.features,
+            "z_p": rep_ln_mean @ self.rep_projection(),
+            "cls_ln_post": out.tokens[:, 0],
+            "rep_ln_post_mean": rep_ln_mean,
+        }
+
+    def forward(self, images: Tensor, subset: str = "all", trace: Trace | None = None,
+                text_trace: Trace | None = None) -> Outputs:
+        vision_tokens, text_tokens = self.mapped_tokens()
+        if self.training or self._text_cache is None or text_trace is not None:
+            text = self.text_features(text_tokens, text_trace)
+            if not self.training:
+                self._text_cache = text.detach()
+        else:
+            text = self._text_cache
+        branches = self.image_branches(images, vision_tokens, trace)
+        f_c, f_p = (F.normalize(branches["z_c"], dim=-1), F.normalize(branches["z_p"], dim=-1))
+        w = F.normalize(text, dim=-1)
+        scale, alpha = self.config.logit_scale, self.config.class_branch_weight
+        logits_cls, logits_rep = scale * f_c @ w.t(), scale * f_p @ w.t()
+        logits_fusion = alpha * logits_cls + (1 - alpha) * logits_rep
+        branches.update(
+            f_c=f_c, f_p=f_p, text_features=w, text_features_unnorm=text, logits_cls=logits_cls,
+            logits_rep=logits_rep, logits_fusion=logits_fusion, rep_tokens_visual=vision_tokens,
+            rep_tokens_text=text_tokens,
+        )
+        return Outputs(logits=self.select_logits(branches, subset), features=f_c, branches=branches)
+
+    def select_logits(self, branches: dict[str, Tensor], subset: str) -> Tensor:
+        """Decoupled: fused logits for base classes, class branch otherwise; unified: fused always."""
+        if self.config.inference == "unified" or subset == "base":
+            return branches["logits_fusion"]
+        return branches["logits_cls"]
+
+    # ------------------------------------------------------------------ loss
+    def task_terms(self, outputs: Outputs, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """MMRL++'s loss: weighted CE of both branches + λ·(image and text cosine anchors)."""
+        b, alpha, lam = outputs.branches, self.config.class_branch_weight, self.config.reg_weight
+        with torch.no_grad():
+            frozen_image = F.normalize(self.backbone.encode_image(images).features, dim=-1)
+        ce_cls = F.cross_entropy(b["logits_cls"], labels)
+        ce_rep = F.cross_entropy(b["logits_rep"], labels)
+        reg_img = lam * cosine_anchor(b["f_c"], frozen_image)
+        reg_text = lam * cosine_anchor(b["text_features"], self.frozen_text_features)
+        task = alpha * ce_cls + (1 - alpha) * ce_rep
+        acc = (b["logits_fusion"].argmax(-1) == labels).float().mean() * 100
+        return {"ce_cls": ce_cls, "ce_rep": ce_rep, "task": task, "reg_img": reg_img, "reg_text": reg_text,
+                "acc": acc.detach()}
+
+    def compute_terms(self, images: Tensor, labels: Tensor, trace: Trace | None = None,
+                      text_trace: Trace | None = None) -> tuple[dict[str, Tensor], Outputs]:
+        """The loss terms and the outputs they came from (traces filled when given)."""
+        outputs = self(images, trace=trace, text_trace=text_trace)
+        terms = self.task_terms(outputs, images, labels)
+        terms["loss"] = terms["task"] + terms["reg_img"] + terms["reg_text"]
+        return terms, outputs
+
+    def training_step(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        return self.compute_terms(*batch)[0]

@@ -1,0 +1,122 @@
+"""The backbone: parity with open_clip, prompt hooks, traces, frozen weights."""
+
+import pytest
+import torch
+
+from alignednorm.backbone.clip import ClipBackbone
+from alignednorm.backbone.hooks import LayerPrompt, Trace
+from alignednorm.backbone.tiny import make_tiny_clip
+
+
+def _inputs(backbone, batch=3):
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, backbone.image_size, backbone.image_size, generator=gen)
+    tokens = backbone.tokenize(["a photo of a cat.", "a red circle", "x"])
+    return images, tokens
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_no_prompt_matches_open_clip(heads):
+    model = make_tiny_clip(seed=3, layers=2, width=128, heads=heads)
+    backbone = ClipBackbone(model)
+    images, tokens = _inputs(backbone)
+    with torch.no_grad():
+        ours_img = backbone.encode_image(images).features
+        ours_txt = backbone.encode_text(tokens).features
+        ref_img = model.encode_image(images)
+        ref_txt = model.encode_text(tokens)
+    assert torch.allclose(ours_img, ref_img, atol=1e-5)
+    assert torch.allclose(ours_txt, ref_txt, atol=1e-5)
+
+
+def test_blend_with_zero_weight_is_identity(tiny_backbone):
+    images, _tokens = _inputs(tiny_backbone)
+    n = 3
+    ref = tiny_backbone.encode_image(images)
+
+    def hook(layer):
+        if layer == 2:
+            return LayerPrompt(torch.randn(n, 64), mode="blend", at=None, beta=0.0)
+        return None
+
+    # Blending needs an inserted prompt first: insert at layer 1, then weight 0 at layer 2.
+    prompts = torch.randn(n, 64)
+
+    def insert_then_blend(layer):
+        return LayerPrompt(prompts, mode="insert", at=1) if layer == 1 else hook(layer)
+
+    out_a = tiny_backbone.encode_image(images, hook=insert_then_blend)
+    out_b = tiny_backbone.encode_image(images, hook=lambda l: LayerPrompt(prompts, "insert", 1) if l == 1 else None)
+    assert out_a.prompt_start == 1 and out_a.prompt_count == n
+    assert out_a.tokens.shape[1] == ref.tokens.shape[1] + n
+    assert torch.allclose(out_a.features, out_b.features, atol=1e-6)
+
+
+def test_text_insertion_moves_eot_and_keeps_causality(tiny_backbone):
+    _, tokens = _inputs(tiny_backbone)
+    n = 4
+    prompts = torch.randn(n, 64)
+    out = tiny_backbone.encode_text(tokens, hook=lambda l: LayerPrompt(prompts, "insert", 1) if l == 2 else None)
+    plain = tiny_backbone.encode_text(tokens)
+    eot = tokens.argmax(-1)
+    assert out.tokens.shape[1] == tokens.shape[1] + n
+    # The pooled feature is the shifted EOT token.
+    expected = out.tokens[torch.arange(3), eot + n] @ tiny_backbone.model.text_projection
+    assert torch.allclose(out.features, expected)
+    # Causal mask: the start token sees only itself, so inserting after it cannot change it.
+    assert torch.allclose(out.hidden[:, 0], plain.hidden[:, 0], atol=1e-6)
+    assert not torch.allclose(out.features, plain.features)
+
+
+def test_start_from_cached_hidden_states(tiny_backbone):
+    images, tokens = _inputs(tiny_backbone)
+    trace = Trace()
+    full = tiny_backbone.encode_image(images, trace=trace)
+    resumed = tiny_backbone.encode_image(hidden=trace.hidden[1], start_layer=2)
+    assert torch.allclose(full.features, resumed.features, atol=1e-6)
+    ttrace = Trace()
+    full_t = tiny_backbone.encode_text(tokens, trace=ttrace)
+    resumed_t = tiny_backbone.encode_text(tokens, embeddings=ttrace.hidden[2], start_layer=3)
+    assert torch.allclose(full_t.features, resumed_t.features, atol=1e-6)
+
+
+def test_trace_records_hidden_and_attention(tiny_backbone):
+    images, _ = _inputs(tiny_backbone)
+    trace = Trace(attention_layers=(2, 3), record_attn_out=True)
+    out = tiny_backbone.encode_image(images, trace=trace)
+    assert sorted(trace.hidden) == [1, 2, 3]
+    assert torch.equal(trace.hidden[3], out.hidden)
+    attn = trace.attention[3]
+    assert attn.shape == (3, 1, 5, 5)
+    assert torch.allclose(attn.sum(-1), torch.ones(3, 1, 5), atol=1e-5)
+    assert trace.attn_out[2].shape == (3, 5, 64)
+
+
+def test_clip_is_frozen_and_prompts_get_gradients(tiny_backbone):
+    images, tokens = _inputs(tiny_backbone)
+    prompts = torch.randn(2, 64, requires_grad=True)
+    hook = lambda l: LayerPrompt(prompts, "insert", 1) if l == 1 else None
+    tiny_backbone.train()
+    assert not tiny_backbone.model.training
+    loss = tiny_backbone.encode_image(images, hook=hook).features.sum() + tiny_backbone.encode_text(
+        tokens, hook=hook
+    ).features.sum()
+    loss.backward()
+    assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in tiny_backbone.parameters())
+
+
+def test_reference_tiny_clip_reproduces_frozen_features(shared_dir):
+    from safetensors.torch import load_file
+
+    fixture = shared_dir / "reference" / "mmrlpp_a"
+    backbone = ClipBackbone.from_file(fixture / "clip_tiny.safetensors")
+    inputs = load_file(str(fixture / "inputs.safetensors"))
+    outputs = load_file(str(fixture / "outputs.safetensors"))
+    with torch.no_grad():
+        img = backbone.encode_image(inputs["images"]).features
+        txt = backbone.encode_text(inputs["tokenized_prompts"]).features
+    img = img / img.norm(dim=-1, keepdim=True)
+    txt = txt / txt.norm(dim=-1, keepdim=True)
+    assert torch.allclose(img, outputs["frozen.image_features"], atol=1e-5)
+    assert torch.allclose(txt, outputs["frozen.text_features"], atol=1e-5)

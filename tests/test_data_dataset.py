@@ -1,0 +1,74 @@
+"""Transforms, the image-list dataset (real JPEG/PNG files, corrupt files) and class prompts."""
+
+import pytest
+import torch
+from open_clip import OPENAI_DATASET_MEAN
+from PIL import Image
+
+from alignednorm.data import ImageListDataset, Item, build_transform, class_prompts
+from alignednorm.errors import DataError
+
+
+def write(path, size=(40, 30), color=(250, 10, 10)):
+    Image.new("RGB", size, color).save(path)
+    return str(path)
+
+
+def test_transforms_output_shape_and_normalisation(tmp_path):
+    image = Image.open(write(tmp_path / "a.png")).convert("RGB")
+    test_tf, train_tf = build_transform(16, train=False), build_transform(16, train=True, crop_scale=(0.5, 1.0))
+    out = test_tf(image)
+    assert out.shape == (3, 16, 16)
+    # A flat colour stays flat; check the red channel against CLIP's normalisation.
+    assert torch.allclose(out[0], torch.full((16, 16), (250 / 255 - OPENAI_DATASET_MEAN[0]) / 0.26862954), atol=2e-2)
+    assert train_tf(image).shape == (3, 16, 16)
+    names = [type(t).__name__ for t in train_tf.transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert train_tf.transforms[0].scale == (0.5, 1.0)
+    assert [type(t).__name__ for t in test_tf.transforms][:2] == ["Resize", "CenterCrop"]
+    assert test_tf.transforms[0].interpolation.value == "bicubic"
+
+
+def test_dataset_reads_jpeg_png_and_grey(tmp_path):
+    grey = tmp_path / "g.jpg"
+    Image.new("L", (20, 20), 128).save(grey)
+    items = [Item(write(tmp_path / "a.jpg"), 0, "a"), Item(write(tmp_path / "b.png"), 1, "b"), Item(str(grey), 2, "c")]
+    data = ImageListDataset(items, build_transform(8, train=False))
+    assert len(data) == 3
+    pairs = list(data)
+    assert [label for _, label in pairs] == [0, 1, 2] and all(t.shape == (3, 8, 8) for t, _ in pairs)
+    with pytest.raises(IndexError):
+        data[3]
+    image, label = ImageListDataset(items)[1]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and label == 1
+
+
+@pytest.fixture
+def with_corrupt(tmp_path):
+    good = write(tmp_path / "good.jpg")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((tmp_path / "good.jpg").read_bytes()[:60])
+    (tmp_path / "text.png").write_text("not an image")
+    return [Item(str(truncated), 0, "a"), Item(str(tmp_path / "text.png"), 1, "b"), Item(good, 2, "c")]
+
+
+def test_corrupt_image_raises_naming_the_path(with_corrupt):
+    data = ImageListDataset(with_corrupt, build_transform(8, train=False))
+    with pytest.raises(DataError, match="cannot read image .*truncated.jpg"):
+        data[0]
+    with pytest.raises(DataError, match="cannot read image .*text.png"):
+        data[1]
+
+
+def test_skip_corrupt_returns_next_readable_and_counts(with_corrupt):
+    data = ImageListDataset(with_corrupt, build_transform(8, train=False), skip_corrupt=True)
+    assert data[0][1] == 2 and data.num_skipped == 2
+    assert data[1][1] == 2 and data.skipped == {with_corrupt[0].impath, with_corrupt[1].impath}
+    only_bad = ImageListDataset(with_corrupt[:2], skip_corrupt=True)
+    with pytest.raises(DataError, match="none of the 2 images"):
+        only_bad[0]
+
+
+def test_class_prompts_replace_underscores():
+    assert class_prompts(["Apply_Eye_Makeup", "tench"], "a photo of a person doing {}.") == [
+        "a photo of a person doing Apply Eye Makeup.", "a photo of a person doing tench."]
