@@ -77,7 +77,7 @@ def _register_extras() -> None:
 
 def _run(method: str, dataset: str, data_root: Path | None, clip: Path, clip_model: str | None, output: Path,
          protocol: str, shots: int, seed: int, train_subset: str, evals, config: Path | None, sets, force: bool,
-         verbose: bool) -> dict:
+         verbose: bool, resume: bool = False) -> dict:
     from alignednorm.config import resolve_config
     from alignednorm.data import resolve_data_root
     from alignednorm.engine.run import RunSpec, execute
@@ -88,7 +88,7 @@ def _run(method: str, dataset: str, data_root: Path | None, clip: Path, clip_mod
     spec = RunSpec(method=method, dataset=dataset, data_root=resolve_data_root(data_root), clip=str(clip),
                    clip_model=clip_model, output=str(output), config=cfg, shots=shots, train_subset=train_subset,
                    evals=evals)
-    metrics = execute(spec, force=force)
+    metrics = execute(spec, force=force, resume=resume)
     for name, result in metrics["eval"].items():
         typer.echo(f"{method} {result['dataset']}/{result['subset']} ({name}): {result['accuracy']:.2f}% "
                    f"on {result['num_samples']} images")
@@ -122,12 +122,38 @@ def train_cmd(
     output: Annotated[Path, typer.Option(help="runs folder")] = Path("runs"),
     config: Annotated[Path | None, typer.Option(help="YAML config to merge")] = None,
     sets: Sets = None, force: bool = False, verbose: bool = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint")] = False,
 ) -> None:
     """Train a method on one dataset, then evaluate it (base and new classes after base training)."""
     evals = [("base", "", "base"), ("new", "", "new")] if subset == "base" else [("all", "", "all")]
     run_dir = output / protocol / dataset / method / f"seed{seed}"
     _run(method, dataset, data_root, clip, clip_model, run_dir, protocol, shots, seed, subset, evals, config, sets,
-         force, verbose)
+         force, verbose, resume)
+
+
+@app.command("predict")
+def predict_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
+    images: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    classes: Annotated[str | None, typer.Option(help="comma-separated class names (default: the run's)")] = None,
+    classes_file: Annotated[Path | None, typer.Option(help="a file with one class name per line")] = None,
+    topk: int = 5,
+    clip: Annotated[Path | None, typer.Option(help="backbone file, if it moved since training")] = None,
+) -> None:
+    """Top-k labels with probabilities for images, with the unified (fused) rule."""
+    from alignednorm.predict import image_paths, load
+
+    names = None
+    if classes_file is not None:
+        if not classes_file.is_file():
+            raise AlignedNormError(f"class-name file {classes_file} does not exist")
+        names = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+    elif classes:
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+    predictor = load(run_dir, clip=clip)
+    paths = image_paths(images)
+    for path, top in zip(paths, predictor.predict(paths, names, topk)):
+        typer.echo(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
 
 
 if __name__ == "__main__":

@@ -103,3 +103,51 @@ for _spec in (
                 num_classes=200, test_only=True, suites=_PAPER),
 ):
     register_dataset(_spec)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A benchmark suite: which datasets each protocol uses.
+
+    Attributes:
+        name: suite name (``paper``, ``mini``).
+        base2new: datasets of the base-to-new and few-shot tables.
+        source: the dataset cross-dataset and domain-generalisation models train on (ImageNet's role).
+        cross_targets: the cross-dataset targets.
+        dg_targets: the domain-generalisation targets (shifted versions of ``source``).
+    """
+
+    name: str
+    base2new: tuple[str, ...]
+    source: str
+    cross_targets: tuple[str, ...]
+    dg_targets: tuple[str, ...]
+
+
+_SUITES: dict[str, Suite] = {}
+
+
+def register_suite(suite: Suite) -> Suite:
+    _SUITES[suite.name] = suite
+    return suite
+
+
+def get_suite(name: str) -> Suite:
+    if name not in _SUITES:
+        raise KeyError(f"unknown suite {name!r} (known: {', '.join(sorted(_SUITES))})")
+    return _SUITES[name]
+
+
+def list_suites() -> list[str]:
+    return sorted(_SUITES)
+
+
+register_suite(Suite(
+    "paper",
+    base2new=("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
+              "sun397", "dtd", "eurosat", "ucf101"),
+    source="imagenet",
+    cross_targets=("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
+                   "sun397", "dtd", "eurosat", "ucf101"),
+    dg_targets=("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"),
+))

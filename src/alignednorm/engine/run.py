@@ -121,13 +121,24 @@ def eval_loader(items, backbone: ClipBackbone, batch_size: int, skip_corrupt: bo
     return DataLoader(D.ImageListDataset(items, transform, skip_corrupt=skip_corrupt), batch_size=batch_size)
 
 
-def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = False) -> dict:
-    """Train (unless nothing is learnable) and evaluate; returns the metrics written."""
+def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = False, resume: bool = False) -> dict:
+    """Train (unless nothing is learnable) and evaluate; returns the metrics written.
+
+    A finished run (``metrics.json``) is skipped unless ``force``. An interrupted one
+    (``checkpoint.pt`` without ``metrics.json``) continues with ``resume``, restarts with
+    ``force``, and is otherwise refused, so no partial work is lost silently.
+    """
     run_dir = Path(spec.output)
-    if (run_dir / "metrics.json").is_file() and not force:
-        log.info("skipping %s: metrics.json exists (use --force to re-run)", run_dir)
-        return json.loads((run_dir / "metrics.json").read_text())
     with RunLock(run_dir):
+        if force:
+            for name in ("metrics.json", "checkpoint.pt", "log.jsonl", "learnable.safetensors"):
+                (run_dir / name).unlink(missing_ok=True)
+        elif (run_dir / "metrics.json").is_file():
+            log.info("skipping %s: metrics.json exists (use --force to re-run)", run_dir)
+            return json.loads((run_dir / "metrics.json").read_text())
+        elif (run_dir / "checkpoint.pt").is_file() and not resume:
+            raise AlignedNormError(f"{run_dir} holds an interrupted run (checkpoint.pt); pass --resume to continue it "
+                                   "or --force to start over")
         return _execute(spec, run_dir, backbone)
 
 

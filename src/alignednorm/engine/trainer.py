@@ -162,7 +162,7 @@ class Trainer:
 
     def _check_finite(self, terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
         if not torch.isfinite(terms["loss"]):
-            values = {k: float(v) for k, v in terms.items()}
+            values = {k: float(v.detach()) for k, v in terms.items()}
             raise TrainingDiverged(
                 f"loss became non-finite at epoch {epoch + 1}, step {step} (global step {self.global_step}): "
                 f"{values}; the last good checkpoint is {self.checkpoint_path or 'not kept (no run dir)'}"
