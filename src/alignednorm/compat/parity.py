@@ -32,7 +32,7 @@ _COMMON = {"ALPHA": "class_branch_weight", "BETA": "prc_beta", "REG_WEIGHT": "re
            "PROJ_LORA_DIM": "proj_lora_dim", "RES_LORA_DIM": "res_lora_dim"}
 SECTIONS = {
     "TRAINER.MMRLpp": ("mmrlpp", _COMMON),
-    "TRAINER.MMRL": ("mmrl", _COMMON),
+    "TRAINER.MMRL": ("mmrl", {**_COMMON, "SCALE": "class_branch_weight"}),  # MMRL v1 calls ALPHA "SCALE"
     "TRAINER.ALIGNEDNORM": ("alignednorm", {**_COMMON, "SEQ_NORM": "token_align_weight",
                                             "FINAL_NORM": "proj_align_weight"}),
 }
