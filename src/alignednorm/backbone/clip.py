@@ -148,7 +148,22 @@ class ClipBackbone(nn.Module):
         features = tokens[:, 0] @ visual.proj
         return TowerOutput(features, tokens, x, state.start, state.n, trace)
 
+    def image_prefix(self, images: Tensor, upto: int, trace: Trace | None = None) -> Tensor:
+        """The sequence entering block ``upto`` without prompts (blocks ``1 .. upto-1`` run).
+
+        Methods whose prompts start at block J compute this once and continue from it with
+        ``encode_image(hidden=..., start_layer=J)`` for both the prompted and the frozen pass.
+        """
+        x = self.embed_image(images)
+        blocks = self.model.visual.transformer.resblocks[: upto - 1]
+        return self._run_blocks(x, blocks, None, trace, PromptState(), 1, causal=False)
+
     # ----------------------------------------------------------------- text
+    def text_prefix(self, token_ids: Tensor, upto: int, trace: Trace | None = None) -> Tensor:
+        """The text sequence entering block ``upto`` without prompts (blocks ``1 .. upto-1`` run)."""
+        blocks = self.model.transformer.resblocks[: upto - 1]
+        return self._run_blocks(self.embed_text(token_ids), blocks, None, trace, PromptState(), 1, causal=True)
+
     def embed_text(self, token_ids: Tensor) -> Tensor:
         """Token + positional embeddings ``(N, T, W)``."""
         x = self.model.token_embedding(token_ids)

@@ -101,6 +101,11 @@ class MMRLpp(Method):
         return self.backbone.model.visual.proj + self.proj_A @ self.proj_B  # (W, E)
 
     @property
+    def first_layer(self) -> int:
+        """J: the first block whose input carries representation tokens."""
+        return self.config.rep_layers[0]
+
+    @property
     def prc_beta(self) -> float:
         return self.config.prc_beta
 
@@ -112,7 +117,10 @@ class MMRLpp(Method):
         self.register_buffer("token_ids", ids, persistent=False)
         with torch.no_grad():
             frozen = self.backbone.encode_text(ids).features
+            # Blocks before J see no prompts: their output for these class prompts never changes.
+            prefix = self.backbone.text_prefix(ids, self.first_layer)
         self.register_buffer("frozen_text_features", F.normalize(frozen, dim=-1), persistent=False)
+        self.register_buffer("text_prefix", prefix, persistent=False)
         self._text_cache = None
 
     def train(self, mode: bool = True):
@@ -131,12 +139,17 @@ class MMRLpp(Method):
     def text_features(self, text_tokens: Tensor, trace: Trace | None = None) -> Tensor:
         """Prompted text features ``(C, E)``, not normalised."""
         hook = representation_hook(text_tokens, list(self.config.rep_layers), self.prc_beta)
-        return self.backbone.encode_text(self.token_ids, hook=hook, trace=trace).features
+        if trace is not None:  # a full pass, so the trace holds every layer
+            return self.backbone.encode_text(self.token_ids, hook=hook, trace=trace).features
+        return self.backbone.encode_text(self.token_ids, hook=hook, embeddings=self.text_prefix,
+                                         start_layer=self.first_layer).features
 
     def image_branches(self, images: Tensor, vision_tokens: Tensor, trace: Trace | None = None) -> dict[str, Tensor]:
         """``z_c`` and ``z_p`` ``(B, E)`` before normalisation, plus the ``ln_post`` inputs to them."""
         hook = representation_hook(vision_tokens, list(self.config.rep_layers), self.prc_beta)
-        out = self.backbone.encode_image(images, hook=hook, trace=trace)
+        with torch.no_grad():  # nothing learnable acts before J
+            prefix = self.backbone.image_prefix(images, self.first_layer, trace)
+        out = self.backbone.encode_image(hidden=prefix, start_layer=self.first_layer, hook=hook, trace=trace)
         n, start = self.config.n_rep_tokens, out.prompt_start
         rep_ln_mean = out.tokens[:, start : start + n].mean(dim=1)  # ln_post per token, then mean
         return {
@@ -144,6 +157,7 @@ class MMRLpp(Method):
             "z_p": rep_ln_mean @ self.rep_projection(),
             "cls_ln_post": out.tokens[:, 0],
             "rep_ln_post_mean": rep_ln_mean,
+            "image_prefix": prefix,
         }
 
     def forward(self, images: Tensor, subset: str = "all", trace: Trace | None = None,
@@ -178,8 +192,9 @@ class MMRLpp(Method):
     def task_terms(self, outputs: Outputs, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """MMRL++'s loss: weighted CE of both branches + λ·(image and text cosine anchors)."""
         b, alpha, lam = outputs.branches, self.config.class_branch_weight, self.config.reg_weight
-        with torch.no_grad():
-            frozen_image = F.normalize(self.backbone.encode_image(images).features, dim=-1)
+        with torch.no_grad():  # the frozen teacher continues from the shared prompt-free prefix
+            frozen = self.backbone.encode_image(hidden=b["image_prefix"], start_layer=self.first_layer).features
+            frozen_image = F.normalize(frozen, dim=-1)
         ce_cls = F.cross_entropy(b["logits_cls"], labels)
         ce_rep = F.cross_entropy(b["logits_rep"], labels)
         reg_img = lam * cosine_anchor(b["f_c"], frozen_image)
