@@ -83,9 +83,8 @@ def test_sigkill_then_resume_gives_uninterrupted_result(json_dataset, clip_file,
 
 
 def test_run_lock_refuses_a_second_writer(tmp_path):
-    with RunLock(tmp_path / "run"):
-        with pytest.raises(AlignedNormError, match=r"in use by process \d+"):
-            RunLock(tmp_path / "run").__enter__()
+    with RunLock(tmp_path / "run"), pytest.raises(AlignedNormError, match=r"in use by process \d+"):
+        RunLock(tmp_path / "run").__enter__()
     # A lock left by a dead process is taken over.
     (tmp_path / "run" / ".lock").write_text("999999999")
     with RunLock(tmp_path / "run"):

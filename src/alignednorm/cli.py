@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from alignednorm.errors import AlignedNormError
+from alignednorm.protocols.cli import report_cmd, run_app
 
 app = typer.Typer(help="Prompt learning for CLIP-like models: AlignedNorm, MMRL++, MMRL and baselines.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -17,6 +18,8 @@ list_app = typer.Typer(help="List what is available.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Inspect dataset folders.", no_args_is_help=True)
 app.add_typer(list_app, name="list")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(run_app, name="run")
+app.command("report")(report_cmd)
 
 DataRoot = Annotated[Path | None, typer.Option("--data-root", help="CoOp-layout data folder (default: $DATA_ROOT).")]
 Clip = Annotated[Path, typer.Option("--clip", help="CLIP checkpoint: OpenAI .pt, state dict, safetensors, open_clip.")]

@@ -146,7 +146,7 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None) -> dic
     method_cfg, train_cfg, data_cfg = build(spec.method, spec.config)
     seed_everything(train_cfg.seed)
     backbone = backbone or ClipBackbone.from_file(spec.clip, spec.clip_model)
-    method = create_method(spec.method, backbone, method_cfg)
+    method = create_method(spec.method, backbone, method_cfg).to(next(backbone.parameters()).device)
     template = D.get_dataset(spec.dataset).template
     train_split = load_split(spec, spec.dataset, spec.train_subset, train_cfg.seed)
     method.set_classnames(train_split.classnames, template)

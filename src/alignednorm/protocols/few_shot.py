@@ -1,0 +1,19 @@
+"""Few-shot learning (paper Tables 4 and 11).
+
+Per dataset, K and seed: train on K shots of every class, then evaluate on the full test set with
+``predict(subset="base")`` semantics, because the official few-shot test uses the fused logits
+(MMRL++'s ``logits_fusion``) for all classes. Every K uses the same epochs (the presets').
+"""
+
+from __future__ import annotations
+
+from .runner import Evaluation, Job, SweepRequest, per_dataset_jobs
+
+PROTOCOL = "fewshot"
+DEFAULT_SHOTS = (1, 2, 4, 8, 16)
+EVALUATIONS = (Evaluation("all", classes="all", rule="base"),)
+
+
+def expand(request: SweepRequest) -> list[Job]:
+    """One job per (dataset, K, seed); datasets default to the suite's base-to-new list."""
+    return per_dataset_jobs(request, PROTOCOL, DEFAULT_SHOTS, EVALUATIONS, "all")

@@ -1,0 +1,343 @@
+"""Sweeps as lists of jobs: each job trains one prompt, then evaluates it on one or more test sets.
+
+A protocol module expands a :class:`SweepRequest` into :class:`Job` objects (plain, picklable
+dataclasses) and :func:`run_job` runs one of them: :func:`alignednorm.engine.run.execute` trains
+(or skips a finished training run), then every :class:`EvalStep` loads ``learnable.safetensors``
+from that training run and evaluates it into a folder of its own. Evaluating another target never
+re-trains, and the cross-dataset and domain-generalisation protocols share one training run.
+
+Layout under ``output`` (``<variant>`` is ``default``, the ``--tag``, or ``custom-<hash>`` of the
+user's config file and ``--set`` overrides, so that two configs never share a folder)::
+
+    <protocol>/<dataset>/shots<K>/<method>/<variant>/seed<S>/   training run (engine.run layout)
+        eval/<target>/metrics.json                              one file per evaluated dataset
+
+where ``<protocol>`` is ``base2new``, ``fewshot`` or ``crossdataset`` (the latter also holds the
+domain-generalisation evaluations). Each evaluation's ``metrics.json`` names its protocol, method,
+variant, suite, training dataset, target, shots and seed, so reports need nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from alignednorm import data as D
+from alignednorm.backbone.clip import ClipBackbone
+from alignednorm.config import build, preset_path, resolve_config, to_yaml
+from alignednorm.data.catalog import Suite, get_suite
+from alignednorm.engine.evaluate import evaluate
+from alignednorm.engine.io import load_tensors, write_json, write_text
+from alignednorm.engine.run import RunLock, RunSpec, eval_loader, execute
+from alignednorm.errors import AlignedNormError, ConfigError
+from alignednorm.methods import Method, create_method
+
+log = logging.getLogger(__name__)
+
+PAPER_SEEDS = (1, 2, 3)
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One accuracy measured on a target's test split.
+
+    Attributes:
+        name: key in ``metrics.json`` (``base``, ``new``, ``all``).
+        classes: which classes of the test split are kept and classified among: ``base``, ``new``, ``all``.
+        rule: the ``subset`` passed to ``method.predict``; it picks MMRL++'s decoupled rule
+            (``base``: fused logits, otherwise the class branch). Unified methods ignore it.
+    """
+
+    name: str
+    classes: str
+    rule: str
+
+
+@dataclass(frozen=True)
+class EvalStep:
+    """Evaluations of a trained prompt on one target dataset, written to ``run_dir/metrics.json``.
+
+    Attributes:
+        target: catalog name of the dataset evaluated.
+        run_dir: the evaluation folder (``<training run>/eval/<target>``).
+        evaluations: what is measured there.
+        prc_beta: test-time ``method.prc_beta`` (the official per-target BETA of cross-dataset
+            evaluation); None keeps the trained value.
+        protocol: the protocol that asked for this evaluation.
+    """
+
+    target: str
+    run_dir: str
+    evaluations: tuple[Evaluation, ...]
+    prc_beta: float | None = None
+    protocol: str = ""
+
+
+@dataclass
+class Job:
+    """One training run and the evaluations of its prompt, run in order by :func:`run_job`."""
+
+    protocol: str
+    method: str
+    variant: str
+    suite: str
+    dataset: str
+    seed: int
+    shots: int
+    train_subset: str
+    train_dir: str
+    config: dict
+    data_root: str
+    clip: str
+    evals: list[EvalStep] = field(default_factory=list)
+    clip_model: str | None = None
+    cache_dir: str | None = None
+    device: str = "auto"
+    progress: bool = True
+
+    @property
+    def name(self) -> str:
+        return f"{self.protocol}/{self.dataset}/shots{self.shots}/{self.method}/{self.variant}/seed{self.seed}"
+
+    def run_spec(self) -> RunSpec:
+        return RunSpec(method=self.method, dataset=self.dataset, data_root=self.data_root, clip=self.clip,
+                       output=self.train_dir, config=OmegaConf.create(self.config), shots=self.shots,
+                       train_subset=self.train_subset, evals=[], clip_model=self.clip_model,
+                       cache_dir=self.cache_dir, progress=self.progress)
+
+
+def variant_name(tag: str | None, config_file: str | None, sets: tuple[str, ...] | list[str]) -> str:
+    """``tag`` when given, ``default`` without user config, else ``custom-<8 hex>`` of the user's config."""
+    if tag is not None:
+        if not _TAG.match(tag):
+            raise ConfigError(f"--tag {tag!r}: use letters, digits and . _ + - (it names a folder)")
+        return tag
+    if config_file is None and not sets:
+        return "default"
+    text = Path(config_file).read_text() if config_file is not None else ""
+    digest = hashlib.sha256(json.dumps({"config": text, "sets": list(sets)}).encode()).hexdigest()
+    return f"custom-{digest[:8]}"
+
+
+@dataclass
+class SweepRequest:
+    """What the user asked for; a protocol turns it into jobs.
+
+    Attributes:
+        method: registered method name.
+        data_root: the CoOp-layout data folder.
+        clip: CLIP checkpoint file; ``clip_model`` its open_clip name when needed.
+        output: the runs folder.
+        suite: benchmark suite naming the protocol's datasets (``paper``, ``mini``, ...).
+        datasets: restrict to these datasets (base-to-new, few-shot: trained; cross-dataset and
+            domain generalisation: targets); None uses the suite's.
+        seeds: training seeds.
+        shots: K values; None uses the protocol's default.
+        config_file: the user's YAML merged over the presets; ``sets`` the ``key=value`` overrides.
+        tag: name of this config variant (the run folder level below the method).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
+    """
+
+    method: str
+    data_root: str
+    clip: str
+    output: str
+    suite: str = "paper"
+    datasets: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] = PAPER_SEEDS
+    shots: tuple[int, ...] | None = None
+    clip_model: str | None = None
+    config_file: str | None = None
+    sets: tuple[str, ...] = ()
+    tag: str | None = None
+    device: str = "auto"
+    progress: bool = True
+    _configs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def variant(self) -> str:
+        return variant_name(self.tag, self.config_file, self.sets)
+
+    def get_suite(self) -> Suite:
+        try:
+            return get_suite(self.suite)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+
+    def run_dir(self, protocol: str, dataset: str, shots: int, seed: int) -> Path:
+        return Path(self.output) / protocol / dataset / f"shots{shots}" / self.method / self.variant / f"seed{seed}"
+
+    def job(self, protocol: str, dataset: str, shots: int, seed: int, train_subset: str,
+            evals: list[EvalStep], config_protocol: str | None = None) -> Job:
+        """A job training ``dataset`` with the presets of ``config_protocol`` (default ``protocol``)."""
+        cfg = self.config(config_protocol or protocol, dataset, seed)
+        return Job(protocol=protocol, method=self.method, variant=self.variant, suite=self.suite, dataset=dataset,
+                   seed=seed, shots=shots, train_subset=train_subset,
+                   train_dir=str(self.run_dir(config_protocol or protocol, dataset, shots, seed)),
+                   config=cfg, data_root=self.data_root, clip=self.clip,
+                   evals=evals, clip_model=self.clip_model, cache_dir=str(Path(self.output) / ".fewshot-cache"),
+                   device=self.device, progress=self.progress)
+
+    def config(self, protocol: str, dataset: str, seed: int) -> dict:
+        """The resolved config of one run as a plain dict; ``train.seed`` is ``seed`` unless ``--set`` fixes it."""
+        key = (protocol, dataset)
+        if key not in self._configs:  # resolving is the slow part of expanding 165 few-shot jobs
+            cfg = resolve_config(self.method, protocol, dataset, self.config_file, list(self.sets))
+            self._configs[key] = OmegaConf.to_container(cfg, resolve=True)
+        cfg = copy.deepcopy(self._configs[key])
+        if not any(s.replace(" ", "").startswith("train.seed=") for s in self.sets):
+            cfg["train"]["seed"] = seed
+        return cfg
+
+
+def canonical_datasets(names) -> tuple[str, ...]:
+    """Catalog names of ``names`` (Dassl class names accepted), failing with the known names."""
+    out = []
+    for name in names:
+        try:
+            out.append(D.get_dataset(name).name)
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+    return tuple(out)
+
+
+def target_betas(method: str, protocol: str) -> dict[str, float]:
+    """The preset's test-time ``prc_beta`` per target (``protocols.<protocol>.targets``), if any."""
+    path = preset_path(method)
+    if not path.is_file():
+        return {}
+    sections = OmegaConf.to_container(OmegaConf.load(path)).get("protocols", {})
+    for name in (protocol, "crossdataset"):
+        targets = (sections.get(name) or {}).get("targets")
+        if targets:
+            return {str(k): float(v) for k, v in targets.items()}
+    return {}
+
+
+# ---------------------------------------------------------------------------------------- running
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_backbone(job: Job) -> ClipBackbone:
+    return ClipBackbone.from_file(job.clip, job.clip_model).to(resolve_device(job.device))
+
+
+def run_job(job: Job, force: bool = False, backbone: ClipBackbone | None = None) -> dict[str, dict]:
+    """Train (unless finished), then run the evaluations not done yet.
+
+    Args:
+        job: the job.
+        force: re-train and re-evaluate even when ``metrics.json`` files exist.
+        backbone: a loaded backbone to reuse (it must be ``job.clip``); loaded when None.
+
+    Returns:
+        ``{target: metrics}`` for every evaluation of the job, read back when it was skipped.
+    """
+    trained = (Path(job.train_dir) / "metrics.json").is_file() and not force
+    pending = [s for s in job.evals if not trained or not (Path(s.run_dir) / "metrics.json").is_file()]
+    results = {s.target: _read_metrics(s.run_dir) for s in job.evals if s not in pending}
+    if trained and not pending:
+        log.info("skipping %s: training and evaluations are finished (use --force to re-run)", job.name)
+        return results
+    backbone = backbone or load_backbone(job)
+    execute(job.run_spec(), backbone=backbone, force=force)
+    if pending:
+        method, data_cfg = load_trained(job, backbone)
+        for step in pending:
+            results[step.target] = run_eval_step(job, step, method, data_cfg)
+    return results
+
+
+def is_finished(job: Job) -> bool:
+    """Whether the job's training run and every evaluation have their ``metrics.json``."""
+    return all((Path(d) / "metrics.json").is_file() for d in [job.train_dir, *(s.run_dir for s in job.evals)])
+
+
+def load_trained(job: Job, backbone: ClipBackbone) -> tuple[Method, object]:
+    """The method as trained in ``job.train_dir`` (its ``config.yaml`` and ``learnable.safetensors``)."""
+    train_dir = Path(job.train_dir)
+    cfg = OmegaConf.load(train_dir / "config.yaml")
+    method_cfg, _, data_cfg = build(job.method, cfg)
+    method = create_method(job.method, backbone, method_cfg).to(next(backbone.parameters()).device)
+    if method.learnable_parameters():
+        weights = train_dir / "learnable.safetensors"
+        method.load_learnable_state_dict(load_tensors(weights), source=str(weights))
+    return method, data_cfg
+
+
+@contextlib.contextmanager
+def prc_beta_override(method: Method, value: float | None):
+    """Set ``method.config.prc_beta`` for the duration (methods without it are left alone)."""
+    if value is None or not hasattr(method.config, "prc_beta"):
+        yield
+        return
+    saved = method.config.prc_beta
+    method.config.prc_beta = value
+    try:
+        yield
+    finally:
+        method.config.prc_beta = saved
+
+
+def run_eval_step(job: Job, step: EvalStep, method: Method, data_cfg) -> dict:
+    """Evaluate ``method`` on ``step.target`` and write the step's ``config.yaml`` and ``metrics.json``."""
+    run_dir = Path(step.run_dir)
+    with RunLock(run_dir), prc_beta_override(method, step.prc_beta):
+        splits = D.load_splits(step.target, job.data_root)
+        results = {ev.name: _evaluate(job, method, step.target, splits, ev, data_cfg) for ev in step.evaluations}
+        cfg = OmegaConf.load(Path(job.train_dir) / "config.yaml")
+        if step.prc_beta is not None and "prc_beta" in cfg.method:
+            cfg.method.prc_beta = step.prc_beta
+        write_text(run_dir / "config.yaml", to_yaml(cfg))
+        metrics = {
+            "protocol": step.protocol or job.protocol, "method": job.method, "variant": job.variant,
+            "suite": job.suite, "dataset": job.dataset, "target": step.target, "shots": job.shots, "seed": job.seed,
+            "prc_beta": step.prc_beta, "train_run": str(Path(job.train_dir).resolve()), "eval": results,
+        }
+        write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _evaluate(job: Job, method: Method, target: str, splits: D.DatasetSplits, ev: Evaluation, data_cfg) -> dict:
+    split = D.subsample_classes(splits, ev.classes)
+    method.set_classnames(split.classnames, D.get_dataset(target).template)
+    loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
+    result = evaluate(method, loader, subset=ev.rule, progress=job.progress, desc=f"eval {target}/{ev.name}")
+    result.update(dataset=target, classes=ev.classes, rule=ev.rule, num_classes=len(split.classnames))
+    log.info("%s %s %s/%s: %.2f%%", job.name, target, ev.classes, ev.rule, result["accuracy"])
+    return result
+
+
+def _read_metrics(run_dir: str) -> dict:
+    path = Path(run_dir) / "metrics.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AlignedNormError(f"{path}: unreadable ({exc}); delete it or pass --force") from exc
+
+
+def per_dataset_jobs(request: SweepRequest, protocol: str, default_shots: tuple[int, ...],
+                     evaluations: tuple[Evaluation, ...], train_subset: str) -> list[Job]:
+    """One job per (dataset, shots, seed) that trains on ``train_subset`` and evaluates on itself."""
+    datasets = canonical_datasets(request.datasets or request.get_suite().base2new)
+    jobs = []
+    for dataset in datasets:
+        for shots in request.shots or default_shots:
+            for seed in request.seeds:
+                run_dir = request.run_dir(protocol, dataset, shots, seed)
+                step = EvalStep(dataset, str(run_dir / "eval" / dataset), evaluations, protocol=protocol)
+                jobs.append(request.job(protocol, dataset, shots, seed, train_subset, [step]))
+    return jobs

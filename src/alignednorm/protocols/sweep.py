@@ -1,0 +1,202 @@
+"""Dispatching a list of jobs: in this process, as local processes, or as a SLURM job array.
+
+- ``inline``: one after the other in this process, sharing the loaded backbone (no submitit needed).
+- ``local``: each job in its own process through ``submitit.LocalExecutor``: one job per visible GPU
+  at a time, or one at a time on a CPU-only machine. Waits for all of them.
+- ``slurm``: one job array through ``submitit.SlurmExecutor`` (partition, GPUs, time, ...); returns
+  once submitted. Job logs and pickles go to ``<output>/.submitit``.
+
+Finished runs are skipped in every mode, so re-submitting a partly finished sweep only runs the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignednorm.errors import AlignedNormError
+
+from .runner import Job, is_finished, load_backbone, run_job
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("inline", "local", "slurm")
+
+
+@dataclass
+class ExecutorOptions:
+    """Where and how jobs run (the SLURM fields only matter for ``slurm``).
+
+    Attributes:
+        folder: submitit's folder for job pickles and logs (default ``<output>/.submitit``).
+        partition: SLURM partition.
+        gpus: GPUs per job (SLURM ``--gpus-per-node``).
+        cpus: CPU cores per job (SLURM ``--cpus-per-task``).
+        timeout_min: time limit per job in minutes (SLURM ``--time``; local processes are killed after it).
+        mem: memory per job, e.g. ``64G`` (SLURM ``--mem``).
+        array_parallelism: at most this many array tasks at once.
+        account: SLURM account; ``qos`` its quality of service.
+        slurm_args: extra ``sbatch`` options as ``key=value`` (e.g. ``constraint=a100``).
+        gpu_ids: GPUs the local executor may use; None means every visible one.
+    """
+
+    folder: str | None = None
+    partition: str | None = None
+    gpus: int = 1
+    cpus: int = 8
+    timeout_min: int = 24 * 60
+    mem: str | None = None
+    array_parallelism: int = 64
+    account: str | None = None
+    qos: str | None = None
+    slurm_args: tuple[str, ...] = ()
+    gpu_ids: tuple[int, ...] | None = None
+
+
+@dataclass
+class SweepOutcome:
+    """What happened to a sweep: job names that finished or failed, and submitted SLURM job ids."""
+
+    finished: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    submitted: dict[str, str] = field(default_factory=dict)
+
+
+def run_submitted(job: Job, force: bool = False) -> dict:
+    """Entry point of a job in a submitit process: log to stderr, no progress bars."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import alignednorm.mini  # noqa: F401  (a fresh process must know the mini benchmark's datasets too)
+    except ImportError:
+        pass
+    job.progress = False
+    log.info("running %s (CUDA_VISIBLE_DEVICES=%s)", job.name, os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
+    return run_job(job, force=force)
+
+
+def run_sweep(jobs: list[Job], executor: str = "inline", force: bool = False,
+              options: ExecutorOptions | None = None, output: str | None = None) -> SweepOutcome:
+    """Run or submit ``jobs`` with ``executor`` (``inline``, ``local`` or ``slurm``)."""
+    options = options or ExecutorOptions()
+    if executor not in EXECUTORS:
+        raise AlignedNormError(f"--executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    done = [] if force else [job for job in jobs if is_finished(job)]
+    done_names = {job.name for job in done}
+    todo = [job for job in jobs if job.name not in done_names]
+    if done:
+        log.info("%d of %d jobs are finished and skipped (use --force to re-run them)", len(done), len(jobs))
+    folder = options.folder or str(Path(output or ".") / ".submitit")
+    if executor == "inline":
+        outcome = run_inline(todo, force)
+    elif executor == "local":
+        outcome = run_local(todo, folder, force, options)
+    else:
+        outcome = submit_slurm(todo, folder, force, options)
+    outcome.finished[:0] = [job.name for job in done]
+    return outcome
+
+
+def run_inline(jobs: list[Job], force: bool = False) -> SweepOutcome:
+    """Run the jobs here, one by one; a failing job is logged and the others still run."""
+    outcome, backbones = SweepOutcome(), {}
+    for k, job in enumerate(jobs, 1):
+        log.info("[%d/%d] %s", k, len(jobs), job.name)
+        key = (job.clip, job.clip_model, job.device)
+        try:
+            if key not in backbones:
+                backbones = {key: load_backbone(job)}  # keep one backbone in memory
+            run_job(job, force=force, backbone=backbones[key])
+            outcome.finished.append(job.name)
+        except Exception as exc:  # noqa: BLE001  (one broken dataset must not stop a 165-job sweep)
+            log.error("%s failed:\n%s", job.name, traceback.format_exc())
+            outcome.failed[job.name] = f"{type(exc).__name__}: {exc}"
+    return outcome
+
+
+def _submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise AlignedNormError("--executor local/slurm needs submitit: pip install 'alignednorm[cluster]'") from None
+    return submitit
+
+
+def visible_gpus() -> list[int]:
+    """GPU ids as ``CUDA_VISIBLE_DEVICES`` names them (what a child process must be given)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [int(x) for x in env.split(",") if x.strip().isdigit()]
+    import torch
+
+    return list(range(torch.cuda.device_count()))
+
+
+def run_local(jobs: list[Job], folder: str, force: bool = False,
+              options: ExecutorOptions | None = None, poll_s: float = 0.2) -> SweepOutcome:
+    """Each job in its own local process: one per GPU at a time, or sequentially without GPUs."""
+    submitit, options = _submitit(), options or ExecutorOptions()
+    if not jobs:
+        return SweepOutcome()
+    executor = submitit.LocalExecutor(folder=folder)
+    gpus = list(options.gpu_ids) if options.gpu_ids is not None else visible_gpus()
+    free: list[int | None] = list(gpus) or [None]
+    pending, running, outcome = list(jobs), {}, SweepOutcome()
+    while pending or running:
+        while pending and free:
+            gpu, job = free.pop(0), pending.pop(0)
+            executor.update_parameters(timeout_min=options.timeout_min, gpus_per_node=0 if gpu is None else 1,
+                                       visible_gpus=() if gpu is None else (gpu,))
+            running[executor.submit(run_submitted, job, force)] = (job, gpu)
+            log.info("started %s%s", job.name, "" if gpu is None else f" on GPU {gpu}")
+        for handle in [h for h in running if h.done()]:
+            job, gpu = running.pop(handle)
+            free.append(gpu)
+            _collect(handle, job, outcome)
+        time.sleep(poll_s if running else 0)
+    return outcome
+
+
+def _collect(handle, job: Job, outcome: SweepOutcome) -> None:
+    try:
+        handle.result()
+        outcome.finished.append(job.name)
+    except Exception as exc:  # noqa: BLE001  (the job's own error, re-raised by submitit; reported below)
+        log.error("%s failed (logs: %s): %s", job.name, handle.paths.stderr, exc)
+        outcome.failed[job.name] = f"{type(exc).__name__}: {exc}"
+
+
+def slurm_parameters(options: ExecutorOptions, name: str) -> dict:
+    """``SlurmExecutor.update_parameters`` arguments for ``options``."""
+    extra = {}
+    for item in options.slurm_args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise AlignedNormError(f"--slurm-arg {item!r}: expected key=value, e.g. constraint=a100")
+        extra[key.strip().replace("-", "_")] = value.strip()
+    params = {"job_name": name, "time": options.timeout_min, "gpus_per_node": options.gpus,
+              "cpus_per_task": options.cpus, "array_parallelism": options.array_parallelism,
+              "partition": options.partition, "mem": options.mem, "account": options.account, "qos": options.qos}
+    params = {k: v for k, v in params.items() if v is not None}
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+def submit_slurm(jobs: list[Job], folder: str, force: bool = False,
+                 options: ExecutorOptions | None = None) -> SweepOutcome:
+    """Submit ``jobs`` as one SLURM job array; returns at once with the array's job ids."""
+    submitit, options = _submitit(), options or ExecutorOptions()
+    outcome = SweepOutcome()
+    if not jobs:
+        return outcome
+    executor = submitit.SlurmExecutor(folder=folder)
+    executor.update_parameters(**slurm_parameters(options, f"alignednorm-{jobs[0].protocol}"))
+    with executor.batch():
+        handles = [executor.submit(run_submitted, job, force) for job in jobs]
+    for job, handle in zip(jobs, handles):
+        outcome.submitted[job.name] = handle.job_id
+    return outcome
