@@ -1,8 +1,9 @@
 """Run configuration: dataclass schemas merged with OmegaConf in a documented order.
 
 Precedence, later wins: schema defaults ← method preset (``configs/methods/<method>.yaml``) ←
-the preset's protocol section ← its per-dataset section for that protocol ← the user's YAML ←
-``--set key=value`` options. Unknown keys and wrong types raise :class:`ConfigError` naming
+the preset's protocol section ← its section for the dataset's suite (``suites.mini``, then
+``suites.mini.protocols.<protocol>``) ← its per-dataset section for that protocol ← the user's
+YAML ← ``--set key=value`` options. Unknown keys and wrong types raise :class:`ConfigError` naming
 the key, the file it came from and the closest valid key.
 """
 
@@ -15,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from alignednorm.engine.trainer import TrainConfig
 from alignednorm.errors import ConfigError
@@ -59,12 +60,14 @@ def _valid_keys(schema: DictConfig) -> list[str]:
 def _merge(base: DictConfig, part, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, part)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or ""
-        close = difflib.get_close_matches(str(key), _valid_keys(base), n=1)
+    except ConfigKeyError as exc:
+        key = str(exc.full_key)
+        close = difflib.get_close_matches(key, _valid_keys(base), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{source}: bad config key or value {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}"
-                          f"{hint}") from None
+        raise ConfigError(f"{source}: unknown config key {key!r}{hint}") from None
+    except OmegaConfBaseException as exc:
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: bad value for {getattr(exc, 'full_key', '?')!r}: {reason}") from None
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -72,27 +75,46 @@ def _load_yaml(path: Path) -> DictConfig:
         data = OmegaConf.load(path)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  (yaml and OmegaConf raise many types for bad files)
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(data, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
 
 
+def _sections(node, source: str) -> list[tuple[object, str]]:
+    part = {k: node[k] for k in ("method", "train", "data") if k in node}
+    return [(part, source)] if part else []
+
+
 def _preset_layers(method: str, protocol: str | None, dataset: str | None) -> list[tuple[object, str]]:
+    """The preset's layers for one run: top level, protocol, the dataset's suites, the dataset."""
     path = preset_path(method)
     if not path.is_file():
         return []
     preset = _load_yaml(path)
-    layers = [({k: preset[k] for k in ("method", "train", "data") if k in preset}, str(path))]
+    layers = _sections(preset, str(path))
     section = preset.get("protocols", {}).get(protocol, {}) if protocol else {}
-    if section:
-        layers.append(({k: section[k] for k in ("method", "train", "data") if k in section},
-                       f"{path} protocols.{protocol}"))
-        per_dataset = section.get("datasets", {}).get(dataset, {}) if dataset else {}
-        if per_dataset:
-            layers.append((per_dataset, f"{path} protocols.{protocol}.datasets.{dataset}"))
+    layers += _sections(section, f"{path} protocols.{protocol}")
+    for name in _dataset_suites(dataset):
+        suite = preset.get("suites", {}).get(name, {})
+        layers += _sections(suite, f"{path} suites.{name}")
+        if protocol:
+            layers += _sections(suite.get("protocols", {}).get(protocol, {}), f"{path} suites.{name}.protocols.{protocol}")
+    if dataset and section:
+        layers += _sections(section.get("datasets", {}).get(dataset, {}), f"{path} protocols.{protocol}.datasets.{dataset}")
     return layers
+
+
+def _dataset_suites(dataset: str | None) -> tuple[str, ...]:
+    if not dataset:
+        return ()
+    from alignednorm.data.catalog import get_dataset
+
+    try:
+        return get_dataset(dataset).suites
+    except KeyError:
+        return ()
 
 
 def resolve_config(method: str, protocol: str | None = None, dataset: str | None = None,

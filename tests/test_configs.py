@@ -1,0 +1,47 @@
+"""Every shipped preset resolves for every protocol and dataset; merge order and error messages."""
+
+import pytest
+
+from alignednorm.config import PROTOCOLS, build, resolve_config
+from alignednorm.data.catalog import list_datasets
+from alignednorm.errors import ConfigError
+from alignednorm.methods import list_methods
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_preset_resolves(method):
+    for protocol in PROTOCOLS:
+        for dataset in list_datasets("paper"):
+            method_cfg, train_cfg, _ = build(method, resolve_config(method, protocol, dataset))
+            assert train_cfg.epochs >= 1
+
+
+def test_published_per_dataset_values_are_applied():
+    cfg = resolve_config("alignednorm", "base2new", "dtd")
+    assert (cfg.method.proj_align_weight, cfg.method.token_align_weight) == (0.2, 0.15)  # Table 8
+    assert (cfg.method.prc_beta, cfg.method.reg_weight) == (0.9, 7.0)  # MMRL++'s table
+    assert resolve_config("alignednorm", "base2new", "sun397").train.epochs == 13
+    imagenet = resolve_config("mmrlpp", "fewshot", "imagenet").train
+    assert (imagenet.batch_size, imagenet.lr, imagenet.epochs) == (32, 1e-3, 5)
+    assert resolve_config("mmrlpp", "fewshot", "eurosat").train.lr == 2e-3
+    assert resolve_config("mmrlpp", "crossdataset", "imagenet").train.warmup_epochs == 0
+
+
+def test_user_yaml_and_set_win(tmp_path):
+    user = tmp_path / "mine.yaml"
+    user.write_text("train:\n  epochs: 3\nmethod:\n  reg_weight: 0.5\n")
+    cfg = resolve_config("mmrlpp", "base2new", "dtd", user, ["method.reg_weight=0.25"])
+    assert cfg.train.epochs == 3 and cfg.method.reg_weight == 0.25
+
+
+def test_config_errors_name_the_key_and_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set train.epohcs=2.*did you mean 'train.epochs'"):
+        resolve_config("mmrlpp", "base2new", "dtd", overrides=["train.epohcs=2"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  proj_align_weight: 0.1\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        resolve_config("mmrlpp", "base2new", "dtd", bad)
+    with pytest.raises(ConfigError, match="reg_weight = -2.0 is out of range"):
+        resolve_config("alignednorm", overrides=["method.reg_weight=-2"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        resolve_config("mmrlpp", overrides=["train.epochs"])
