@@ -134,6 +134,24 @@ def train_cmd(
          force, verbose, resume)
 
 
+@app.command("demo")
+def demo_cmd(
+    output: Annotated[Path, typer.Option(help="runs folder")] = Path("runs/demo"),
+    data_root: Annotated[Path, typer.Option(help="where the mini world is generated")] = Path("data"),
+    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "zeroshot,mmrlpp,alignednorm",
+    seed: int = 1,
+    datasets: Annotated[str | None, typer.Option(help="comma-separated mini datasets (default: all)")] = None,
+    force: bool = False,
+    verbose: bool = False,
+) -> None:
+    """Base-to-new on the built-in mini benchmark with the shipped tiny CLIP (CPU, minutes)."""
+    from alignednorm.demo import run_demo
+
+    _setup_logging(verbose)
+    run_demo(output, data_root, tuple(m.strip() for m in methods.split(",") if m.strip()), seed,
+             tuple(d.strip() for d in datasets.split(",")) if datasets else None, force, echo=typer.echo)
+
+
 @app.command("predict")
 def predict_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
