@@ -57,3 +57,16 @@ def test_list_and_check(json_dataset):
     assert "oxford_pets" in _invoke("list", "datasets")
     out = _invoke("datasets", "check", json_dataset.root, "--dataset", "oxford_pets")
     assert "oxford_pets" in out
+
+
+def test_corrupt_image_fails_with_path_or_is_skipped_and_counted(json_dataset, clip_file, tmp_path):
+    bad = json_dataset.image_dir / json_dataset.split["test"][3][0]
+    bad.write_bytes(b"not an image")
+    args = ["eval", "--dataset", "oxford_pets", "--data-root", json_dataset.root, "--clip", clip_file,
+            "--output", tmp_path / "runs"]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code != 0 and str(bad) in str(result.exception)
+    out = _invoke(*args, "--skip-corrupt", "--force")
+    assert "on 9 images" in out
+    metrics = json.loads((tmp_path / "runs" / "oxford_pets" / "zeroshot" / "metrics.json").read_text())
+    assert metrics["eval"]["all"]["skipped_images"] == 1

@@ -6,6 +6,7 @@ from open_clip import OPENAI_DATASET_MEAN
 from PIL import Image
 
 from alignednorm.data import ImageListDataset, Item, build_transform, class_prompts
+from alignednorm.data.dataset import skip_none_collate
 from alignednorm.errors import DataError
 
 
@@ -60,13 +61,13 @@ def test_corrupt_image_raises_naming_the_path(with_corrupt):
         data[1]
 
 
-def test_skip_corrupt_returns_next_readable_and_counts(with_corrupt):
+def test_skip_corrupt_drops_and_counts(with_corrupt):
     data = ImageListDataset(with_corrupt, build_transform(8, train=False), skip_corrupt=True)
-    assert data[0][1] == 2 and data.num_skipped == 2
-    assert data[1][1] == 2 and data.skipped == {with_corrupt[0].impath, with_corrupt[1].impath}
-    only_bad = ImageListDataset(with_corrupt[:2], skip_corrupt=True)
-    with pytest.raises(DataError, match="none of the 2 images"):
-        only_bad[0]
+    assert data[0] is None and data[1] is None and data[2][1] == 2
+    assert data.num_skipped == 2 and data.skipped == {with_corrupt[0].impath, with_corrupt[1].impath}
+    batch = skip_none_collate([data[i] for i in range(3)])
+    assert batch[0].shape == (1, 3, 8, 8) and batch[1].tolist() == [2]
+    assert skip_none_collate([data[0], data[1]]) is None
 
 
 def test_class_prompts_replace_underscores():

@@ -108,8 +108,10 @@ def eval_cmd(
     output: Annotated[Path, typer.Option(help="run folder")] = Path("runs/eval"),
     config: Annotated[Path | None, typer.Option(help="YAML config to merge")] = None,
     sets: Sets = None, force: bool = False, verbose: bool = False,
+    skip_corrupt: Annotated[bool, typer.Option(help="skip unreadable images and count them")] = False,
 ) -> None:
     """Evaluate a method that learns nothing (zero-shot CLIP) on a dataset's test split."""
+    sets = [*(sets or []), *(["data.skip_corrupt=true"] if skip_corrupt else [])]
     _run(method, dataset, data_root, clip, clip_model, output / dataset / method, "base2new", 0, 1, subset,
          [(subset, "", subset)], config, sets, force, verbose)
 
@@ -126,8 +128,10 @@ def train_cmd(
     config: Annotated[Path | None, typer.Option(help="YAML config to merge")] = None,
     sets: Sets = None, force: bool = False, verbose: bool = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint")] = False,
+    skip_corrupt: Annotated[bool, typer.Option(help="skip unreadable images and count them")] = False,
 ) -> None:
     """Train a method on one dataset, then evaluate it (base and new classes after base training)."""
+    sets = [*(sets or []), *(["data.skip_corrupt=true"] if skip_corrupt else [])]
     evals = [("base", "", "base"), ("new", "", "new")] if subset == "base" else [("all", "", "all")]
     run_dir = output / protocol / dataset / method / f"seed{seed}"
     _run(method, dataset, data_root, clip, clip_model, run_dir, protocol, shots, seed, subset, evals, config, sets,

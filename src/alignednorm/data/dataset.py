@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from alignednorm.errors import DataError
 
@@ -45,28 +45,28 @@ class ImageListDataset(Dataset):
         if not -len(self.items) <= index < len(self.items):
             # Plain iteration over a Dataset stops at IndexError, so never wrap an out-of-range index.
             raise IndexError(f"index {index} out of range for {len(self.items)} images")
-        # Try this item, then the following ones (wrapping around), so a bad file costs one sample.
-        for offset in range(len(self.items)):
-            item = self.items[(index + offset) % len(self.items)]
-            if item.impath in self.skipped:
-                continue
-            try:
-                image = load_rgb(item.impath)
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                if not self.skip_corrupt:
-                    raise DataError(f"cannot read image {item.impath} ({exc}); expected a readable image file, "
-                                    "or pass skip_corrupt=True to skip unreadable images") from None
-                logger.warning("skipping unreadable image %s (%s)", item.impath, exc)
-                self.skipped.add(item.impath)
-                continue
-            return (self.transform(image) if self.transform is not None else image), item.label
-        raise DataError(f"none of the {len(self.items)} images of the dataset could be read "
-                        f"(e.g. {self.items[index % len(self.items)].impath})")
+        item = self.items[index]
+        try:
+            image = load_rgb(item.impath)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            if not self.skip_corrupt:
+                raise DataError(f"cannot read image {item.impath} ({exc}); expected a readable image file, "
+                                "or pass --skip-corrupt to skip unreadable images and count them") from None
+            logger.warning("skipping unreadable image %s (%s)", item.impath, exc)
+            self.skipped.add(item.impath)
+            return None  # dropped by skip_none_collate, so accuracies count only readable images
+        return (self.transform(image) if self.transform is not None else image), item.label
 
     @property
     def num_skipped(self) -> int:
         """How many distinct images were found unreadable and skipped so far."""
         return len(self.skipped)
+
+
+def skip_none_collate(batch):
+    """``default_collate`` without the ``None`` entries of skipped images; ``None`` if nothing is left."""
+    batch = [sample for sample in batch if sample is not None]
+    return default_collate(batch) if batch else None
 
 
 def class_prompts(classnames: Sequence[str], template: str) -> list[str]:

@@ -22,7 +22,10 @@ def evaluate(method: Method, loader: DataLoader, subset: str = "all", progress: 
     num_classes = len(method.classnames)
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
-    for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        if batch is None:  # every image of the batch was unreadable and skipped
+            continue
+        images, labels = batch
         logits = method.predict(images.to(device), subset=subset)
         hits = (logits.argmax(dim=-1).cpu() == labels).long()
         total += torch.bincount(labels, minlength=num_classes)

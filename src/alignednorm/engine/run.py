@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.config import build, to_yaml
+from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine.evaluate import evaluate
 from alignednorm.engine.io import save_tensors, write_json, write_text
 from alignednorm.engine.trainer import Trainer, seed_everything
@@ -118,7 +119,8 @@ def load_split(spec: RunSpec, dataset: str, subset: str, seed: int) -> D.Dataset
 
 def eval_loader(items, backbone: ClipBackbone, batch_size: int, skip_corrupt: bool) -> DataLoader:
     transform = D.build_transform(backbone.image_size, train=False)
-    return DataLoader(D.ImageListDataset(items, transform, skip_corrupt=skip_corrupt), batch_size=batch_size)
+    return DataLoader(D.ImageListDataset(items, transform, skip_corrupt=skip_corrupt), batch_size=batch_size,
+                      collate_fn=skip_none_collate)
 
 
 def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = False, resume: bool = False) -> dict:
@@ -158,6 +160,7 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None) -> dic
         dataset = D.ImageListDataset(train_split.train, transform, skip_corrupt=data_cfg.skip_corrupt)
         trainer = Trainer(method, train_cfg, run_dir, progress=spec.progress)
         train_stats = trainer.fit(dataset)
+        train_stats["skipped_images"] = dataset.num_skipped
         save_tensors(run_dir / "learnable.safetensors", method.learnable_state_dict(),
                      metadata={"method": spec.method, "classnames": json.dumps(train_split.classnames)})
     metrics = {"method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "seed": train_cfg.seed,
@@ -175,7 +178,11 @@ def evaluate_on(spec: RunSpec, method: Method, dataset: str, subset: str, seed: 
     method.set_classnames(split.classnames, D.get_dataset(dataset).template)
     loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
     result = evaluate(method, loader, subset=subset, progress=spec.progress, desc=f"eval {dataset}/{subset}")
-    result.update(dataset=dataset, subset=subset, num_classes=len(split.classnames))
+    result.update(dataset=dataset, subset=subset, num_classes=len(split.classnames),
+                  skipped_images=loader.dataset.num_skipped)
+    if loader.dataset.num_skipped:
+        log.warning("%s/%s: skipped %d unreadable images: %s", dataset, subset, loader.dataset.num_skipped,
+                    sorted(loader.dataset.skipped)[:5])
     log.info("%s %s/%s: %.2f%%", spec.method, dataset, subset, result["accuracy"])
     return result
 

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
+from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine.io import save_torch
 from alignednorm.errors import AlignedNormError, ConfigError
 from alignednorm.methods.base import Method
@@ -147,7 +148,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         drop_last = len(dataset) >= self.config.batch_size  # as Dassl: never an empty epoch
         return DataLoader(dataset, batch_size=self.config.batch_size, sampler=RandomSampler(dataset, generator=generator),
-                          num_workers=self.config.num_workers, drop_last=drop_last, generator=generator)
+                          num_workers=self.config.num_workers, drop_last=drop_last, generator=generator,
+                          collate_fn=skip_none_collate)
 
     def _log(self, record: dict) -> None:
         if self.run_dir is None:
@@ -190,7 +192,10 @@ class Trainer:
         sums: dict[str, float] = {}
         start = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=not self.progress, leave=False)
-        for step, (images, labels) in enumerate(bar):
+        for step, batch in enumerate(bar):
+            if batch is None:  # every image of the batch was unreadable and skipped
+                continue
+            images, labels = batch
             with self._autocast():
                 terms = self.method.training_step((images.to(self.device), labels.to(self.device)))
             self._check_finite(terms, epoch, step)
