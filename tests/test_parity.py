@@ -35,3 +35,61 @@ def test_parity_command_exit_status(shared_dir):
 
 def test_fixture_list_is_not_empty(shared_dir):
     assert {f.name for f in FIXTURES} >= {"mmrlpp_a", "alignednorm_a"}
+
+
+@pytest.mark.parametrize("source", ["mmrlpp_a", "alignednorm_a"])
+def test_parity_reads_every_setting_from_the_manifest(source, shared_dir, tmp_path):
+    """A fixture with other settings (as the held-back ones have) goes through the same code.
+
+    Its outputs are our own, so this checks that nothing is tied to fixture A's numbers of
+    classes, tokens, layers, batch or embedding width, not the official code's values.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from alignednorm.backbone.clip import ClipBackbone
+    from alignednorm.backbone.tiny import make_tiny_clip, save_openai_state_dict
+    from alignednorm.compat.official import to_official_state
+    from alignednorm.compat.parity import compute_outputs, method_from_manifest
+    from alignednorm.methods import create_method
+
+    manifest = json.loads((shared_dir / "reference" / source / "manifest.json").read_text())
+    section = next(k for k in manifest["config"] if k.startswith("TRAINER."))
+    manifest["config"][section].update(REP_LAYERS=[8, 9, 10, 11, 12], N_REP_TOKENS=3, BETA=0.6, ALPHA=0.6)
+    if "SEQ_NORM" in manifest["config"][section]:
+        manifest["config"][section].update(SEQ_NORM=0.05, FINAL_NORM=0.2)
+    manifest["class_names_base"] = [f"shape number {i}" for i in range(9)]
+    manifest["class_names_new"] = [f"new thing {i}" for i in range(5)]
+    manifest["template"] = "a drawing of a {}."
+    fixture = tmp_path / "variant"
+    fixture.mkdir()
+    (fixture / "manifest.json").write_text(json.dumps(manifest))
+    save_openai_state_dict(make_tiny_clip(seed=11, layers=12, embed_dim=48), fixture / "clip_tiny.safetensors")
+
+    name, config, _ = method_from_manifest(manifest)
+    method = create_method(name, ClipBackbone.from_file(fixture / "clip_tiny.safetensors"), config)
+    with torch.no_grad():  # perturbed low-rank factors and shifted biases, as in the held-back fixtures
+        for key, param in method.named_parameters():
+            if param.requires_grad and (".B." in key or key == "proj_B" or ".bias." in key):
+                param.add_(0.05 * torch.randn_like(param))
+    save_file({k: v.contiguous() for k, v in to_official_state(method.learnable_state_dict()).items()},
+              str(fixture / "learnable.safetensors"))
+    backbone = method.backbone
+    save_file({"images": torch.randn(3, 3, 32, 32), "labels": torch.tensor([8, 0, 3]),
+               "tokenized_prompts": backbone.tokenize([manifest["template"].format(c) for c in manifest["class_names_base"]]),
+               "tokenized_prompts_new": backbone.tokenize([manifest["template"].format(c) for c in manifest["class_names_new"]])},
+              str(fixture / "inputs.safetensors"))
+    reference_keys = load_file(str(shared_dir / "reference" / source / "outputs.safetensors")).keys()
+    ours = compute_outputs(fixture, manifest)
+    names = {k.split(".", 1)[1] for k in reference_keys if k.startswith("grad.")}
+    missing = [k for k in reference_keys if k not in ours and not k.startswith(("grad.", "after_step."))]
+    assert missing == []
+    save_file({k: ours[k].detach().clone().contiguous() for k in ours if not k.startswith("tokens.")},
+              str(fixture / "outputs.safetensors"))
+    report = run_parity(fixture)
+    assert report["ok"] and report["failed"] == []
+    assert report["tensors"]["vision.block_out.08"]["max_abs_diff"] == 0.0
+    assert ours["vision.rep_hidden"].shape == (5, 3, 3, 64) and ours["train.z_p"].shape == (3, 48)
+    assert ours["eval_new.output"].shape == (3, 5) and len(names) > 0
+    grads = [k for k in ours if k.startswith("grad.")]
+    assert len(grads) == len(method.learnable_state_dict()) and any(ours[k].abs().sum() > 0 for k in grads if ".A" in k)

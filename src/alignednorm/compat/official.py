@@ -41,9 +41,33 @@ def official_to_ours(name: str) -> str | None:
     return None
 
 
-def ours_to_official(name: str, official_names: list[str]) -> str | None:
-    """The official name that maps onto ``name`` (searching the given official names)."""
-    return next((o for o in official_names if official_to_ours(o) == name), None)
+# (our name pattern, official name) — the inverse of _RULES.
+_REVERSE = [
+    (r"rep_tokens$", "representation_learner.compound_rep_tokens"),
+    (r"vision_aligner\.weight$", "representation_learner.srra_r2vproj.weight"),
+    (r"text_aligner\.weight$", "representation_learner.srra_r2tproj.weight"),
+    (r"vision_aligner\.(A|B|bias)\.(\d+)$", r"representation_learner.srra_r2vproj.srra.\2.\1"),
+    (r"text_aligner\.(A|B|bias)\.(\d+)$", r"representation_learner.srra_r2tproj.srra.\2.\1"),
+    (r"vision_aligner\.layers\.(\d+)\.(weight|bias)$", r"representation_learner.compound_rep_tokens_r2vproj.\1.\2"),
+    (r"text_aligner\.layers\.(\d+)\.(weight|bias)$", r"representation_learner.compound_rep_tokens_r2tproj.\1.\2"),
+    (r"proj_A$", "image_encoder.A"),
+    (r"proj_B$", "image_encoder.B"),
+    (r"proj_rep$", "image_encoder.proj_rep"),
+]
+
+
+def ours_to_official(name: str, official_names: list[str] | None = None) -> str | None:
+    """The official name of one of our learnable tensors (``None`` if it has none)."""
+    for pattern, target in _REVERSE:
+        if re.match(pattern, name):
+            official = re.sub(pattern, target, name)
+            return official if official_names is None or official in official_names else None
+    return None
+
+
+def to_official_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our learnable tensors under the official code's names (for its ``load_model``)."""
+    return {ours_to_official(k) or k: v for k, v in state.items()}
 
 
 def convert_official_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -163,30 +163,37 @@ def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: dict) -> dict
     return {"max_abs_diff": diff, "tolerance": limit, "ok": diff <= limit}
 
 
-def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
-    """Compare our implementation with a fixture; returns the report (``report["ok"]``)."""
-    fixture = Path(fixture_dir)
-    manifest = json.loads((fixture / "manifest.json").read_text())
-    torch.set_num_threads(threads or manifest.get("produced_by", {}).get("torch_num_threads", 2))
+def compute_outputs(fixture: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """Every tensor a fixture holds, computed by our implementation from the fixture's inputs."""
     name, config, _decoupled = method_from_manifest(manifest)
     backbone = ClipBackbone.from_file(fixture / "clip_tiny.safetensors")
     method = create_method(name, backbone, config)
     official = load_file(str(fixture / "learnable.safetensors"))
     start_values = convert_official_state(official)
     inputs = load_file(str(fixture / "inputs.safetensors"))
-    reference = load_file(str(fixture / "outputs.safetensors"))
     images, labels, template = inputs["images"], inputs["labels"], manifest["template"]
-
     ours: dict[str, torch.Tensor] = {}
     for classes, prefix, subset in (("class_names_base", "eval_base", "base"), ("class_names_new", "eval_new", "new")):
         method.load_learnable_state_dict(start_values, source=str(fixture / "learnable.safetensors"))
         ours.update(_evaluate(method, manifest[classes], template, images, prefix, subset))
-        key = "tokenized_prompts" if subset == "base" else "tokenized_prompts_new"
         ours[f"tokens.{subset}"] = method.token_ids
-        reference.setdefault(f"tokens.{subset}", inputs[key])
     method.load_learnable_state_dict(start_values)
     ours.update(_train_step(method, manifest, images, labels, list(official)))
+    return ours
 
+
+def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
+    """Compare our implementation with a fixture; returns the report (``report["ok"]``)."""
+    fixture = Path(fixture_dir)
+    manifest = json.loads((fixture / "manifest.json").read_text())
+    torch.set_num_threads(threads or manifest.get("produced_by", {}).get("torch_num_threads", 2))
+    name, config, _ = method_from_manifest(manifest)
+    ours = compute_outputs(fixture, manifest)
+    reference = load_file(str(fixture / "outputs.safetensors"))
+    inputs = load_file(str(fixture / "inputs.safetensors"))
+    # Our tokenizer must give the official token ids, or nothing downstream can match.
+    reference.setdefault("tokens.base", inputs["tokenized_prompts"])
+    reference.setdefault("tokens.new", inputs["tokenized_prompts_new"])
     tol = tolerances(manifest)
     results = {}
     for key, ref in sorted(reference.items()):
