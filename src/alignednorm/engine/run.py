@@ -23,6 +23,7 @@ from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.config import build, to_yaml
 from alignednorm.data.dataset import skip_none_collate
+from alignednorm.engine import distributed
 from alignednorm.engine.evaluate import evaluate
 from alignednorm.engine.io import save_tensors, write_json, write_text
 from alignednorm.engine.trainer import Trainer, seed_everything
@@ -128,19 +129,28 @@ def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = F
 
     A finished run (``metrics.json``) is skipped unless ``force``. An interrupted one
     (``checkpoint.pt`` without ``metrics.json``) continues with ``resume``, restarts with
-    ``force``, and is otherwise refused, so no partial work is lost silently.
+    ``force``, and is otherwise refused, so no partial work is lost silently. Under ``torchrun``
+    every process trains its share of each batch; process 0 alone writes and evaluates.
     """
+    device = distributed.init_from_env()
     run_dir = Path(spec.output)
+    finished, interrupted = (run_dir / "metrics.json").is_file(), (run_dir / "checkpoint.pt").is_file()
+    distributed.barrier()  # every process decides from the same files
+    if finished and not force:
+        log.info("skipping %s: metrics.json exists (use --force to re-run)", run_dir)
+        return json.loads((run_dir / "metrics.json").read_text())
+    if interrupted and not (resume or force):
+        raise AlignedNormError(f"{run_dir} holds an interrupted run (checkpoint.pt); pass --resume to continue it "
+                               "or --force to start over")
+    if device is not None and backbone is None:
+        backbone = ClipBackbone.from_file(spec.clip, spec.clip_model).to(device)
+    if not distributed.is_main():
+        return _execute(spec, run_dir, backbone)
     with RunLock(run_dir):
         if force:
             for name in ("metrics.json", "checkpoint.pt", "log.jsonl", "learnable.safetensors"):
                 (run_dir / name).unlink(missing_ok=True)
-        elif (run_dir / "metrics.json").is_file():
-            log.info("skipping %s: metrics.json exists (use --force to re-run)", run_dir)
-            return json.loads((run_dir / "metrics.json").read_text())
-        elif (run_dir / "checkpoint.pt").is_file() and not resume:
-            raise AlignedNormError(f"{run_dir} holds an interrupted run (checkpoint.pt); pass --resume to continue it "
-                                   "or --force to start over")
+        distributed.barrier()
         return _execute(spec, run_dir, backbone)
 
 
@@ -152,23 +162,29 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None) -> dic
     template = D.get_dataset(spec.dataset).template
     train_split = load_split(spec, spec.dataset, spec.train_subset, train_cfg.seed)
     method.set_classnames(train_split.classnames, template)
-    write_text(run_dir / "config.yaml", to_yaml(spec.config))
-    write_json(run_dir / "run.json", _run_info(spec, train_split, backbone))
+    main = distributed.is_main()
+    if main:
+        write_text(run_dir / "config.yaml", to_yaml(spec.config))
+        write_json(run_dir / "run.json", _run_info(spec, train_split, backbone))
     train_stats = {}
     if method.learnable_parameters():
         transform = D.build_transform(backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale))
         dataset = D.ImageListDataset(train_split.train, transform, skip_corrupt=data_cfg.skip_corrupt)
-        trainer = Trainer(method, train_cfg, run_dir, progress=spec.progress)
-        train_stats = trainer.fit(dataset)
+        trainer = Trainer(method, train_cfg, run_dir, progress=spec.progress and main)
+        train_stats = trainer.fit(dataset, resume=True)
         train_stats["skipped_images"] = dataset.num_skipped
-        save_tensors(run_dir / "learnable.safetensors", method.learnable_state_dict(),
-                     metadata={"method": spec.method, "classnames": json.dumps(train_split.classnames)})
+        if main:
+            save_tensors(run_dir / "learnable.safetensors", method.learnable_state_dict(),
+                         metadata={"method": spec.method, "classnames": json.dumps(train_split.classnames)})
     metrics = {"method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "seed": train_cfg.seed,
                "train": train_stats, "eval": {}}
-    for name, dataset, subset in spec.evals:
-        metrics["eval"][name] = evaluate_on(spec, method, dataset or spec.dataset, subset, train_cfg.seed, data_cfg)
-    write_json(run_dir / "metrics.json", metrics)
-    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete; learnable.safetensors stays
+    if main:
+        for name, dataset_name, subset in spec.evals:
+            metrics["eval"][name] = evaluate_on(spec, method, dataset_name or spec.dataset, subset, train_cfg.seed,
+                                                data_cfg)
+        write_json(run_dir / "metrics.json", metrics)
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete; learnable.safetensors stays
+    distributed.barrier()
     return metrics
 
 

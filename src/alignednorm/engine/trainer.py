@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
 from alignednorm.data.dataset import skip_none_collate
+from alignednorm.engine import distributed
 from alignednorm.engine.io import save_torch
 from alignednorm.errors import AlignedNormError, ConfigError
 from alignednorm.methods.base import Method
@@ -108,6 +109,9 @@ class Trainer:
         params = method.learnable_parameters()
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        if config.batch_size % distributed.world_size():
+            raise ConfigError(f"train.batch_size = {config.batch_size} must be divisible by the "
+                              f"{distributed.world_size()} processes of this distributed run")
         self.start_epoch = 0
         self.global_step = 0
 
@@ -117,7 +121,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, epoch: int) -> None:
-        if self.checkpoint_path is None:
+        if self.checkpoint_path is None or not distributed.is_main():
             return
         state = {
             "epoch": epoch,
@@ -147,12 +151,14 @@ class Trainer:
     def _loader(self, dataset: Dataset, epoch: int) -> DataLoader:
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         drop_last = len(dataset) >= self.config.batch_size  # as Dassl: never an empty epoch
-        return DataLoader(dataset, batch_size=self.config.batch_size, sampler=RandomSampler(dataset, generator=generator),
-                          num_workers=self.config.num_workers, drop_last=drop_last, generator=generator,
+        batches = BatchSampler(RandomSampler(dataset, generator=generator), self.config.batch_size, drop_last)
+        if distributed.is_distributed():  # every process draws the same order and keeps its slice
+            batches = distributed.ShardedBatches(batches, distributed.world_size(), distributed.rank())
+        return DataLoader(dataset, batch_sampler=batches, num_workers=self.config.num_workers, generator=generator,
                           collate_fn=skip_none_collate)
 
     def _log(self, record: dict) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not distributed.is_main():
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "log.jsonl", "a") as handle:
@@ -181,6 +187,7 @@ class Trainer:
             last = self._train_epoch(dataset, epoch)
             self.method.on_epoch_end(epoch, self.config.epochs)
             self.save_checkpoint(epoch)
+            distributed.barrier()  # nobody starts the next epoch before the checkpoint exists
         return last
 
     def _train_epoch(self, dataset: Dataset, epoch: int) -> dict:
@@ -213,6 +220,7 @@ class Trainer:
         return means
 
     def _optimizer_step(self, epoch: int, step: int) -> None:
+        distributed.average_gradients(self.method.learnable_parameters())
         self.scaler.unscale_(self.optimizer)
         if self.config.precision != "fp16":  # under fp16 the scaler skips steps with inf gradients
             for p in self.method.learnable_parameters():
