@@ -31,11 +31,13 @@ class DataConfig:
 
     Attributes:
         crop_scale: RandomResizedCrop scale range for training images.
+        hflip: random horizontal flips of training images.
         eval_batch_size: images per evaluation batch.
         skip_corrupt: skip unreadable images (and count them) instead of failing.
     """
 
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    hflip: bool = True
     eval_batch_size: int = 100
     skip_corrupt: bool = False
 

@@ -12,6 +12,7 @@ def build_transform(
     image_size: int,
     train: bool,
     crop_scale: tuple[float, float] = (0.08, 1.0),
+    hflip: bool = True,
     mean: Sequence[float] = OPENAI_DATASET_MEAN,
     std: Sequence[float] = OPENAI_DATASET_STD,
 ) -> T.Compose:
@@ -22,14 +23,15 @@ def build_transform(
         train: random-resized crop (bicubic) + horizontal flip when True; otherwise resize of the
             shorter side to S (bicubic) + center crop.
         crop_scale: area range of the random-resized crop (train only).
+        hflip: random horizontal flips (train only); off for data where left/right carries the label.
         mean: per-channel mean for normalisation (CLIP's by default).
         std: per-channel std for normalisation (CLIP's by default).
     """
     bicubic = T.InterpolationMode.BICUBIC
     if train:
         # Dassl skips the plain resize when a random crop is used, so the crop works on the original.
-        geometry = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic),
-                    T.RandomHorizontalFlip()]
+        geometry = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic)]
+        geometry += [T.RandomHorizontalFlip()] if hflip else []
     else:
         geometry = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
     return T.Compose([*geometry, T.ToTensor(), T.Normalize(mean=tuple(mean), std=tuple(std))])

@@ -22,7 +22,7 @@ def evaluate(method: Method, loader: DataLoader, subset: str = "all", progress: 
     num_classes = len(method.classnames)
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
         images, labels = batch

@@ -168,7 +168,8 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None) -> dic
         write_json(run_dir / "run.json", _run_info(spec, train_split, backbone))
     train_stats = {}
     if method.learnable_parameters():
-        transform = D.build_transform(backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale))
+        transform = D.build_transform(backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale),
+                                      hflip=data_cfg.hflip)
         dataset = D.ImageListDataset(train_split.train, transform, skip_corrupt=data_cfg.skip_corrupt)
         trainer = Trainer(method, train_cfg, run_dir, progress=spec.progress and main)
         train_stats = trainer.fit(dataset, resume=True)

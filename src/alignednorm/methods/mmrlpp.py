@@ -47,7 +47,9 @@ class MMRLpp(Method):
             reg_weight: weight λ of both cosine anchors to frozen CLIP (REG_WEIGHT).
             inference: ``decoupled`` (base: fused logits, new/other: class branch, as the official
                 code) or ``unified`` (fused logits for every sample).
-            logit_scale: the constant the official code multiplies cosines by.
+            logit_scale: the constant the official code multiplies cosines by (100, which is OpenAI
+                CLIP's learned scale); ``None`` uses the backbone's own ``exp(logit_scale)``, right for
+                CLIPs trained with another temperature (the mini benchmark's).
         """
 
         n_rep_tokens: int = 5
@@ -59,7 +61,7 @@ class MMRLpp(Method):
         prc_beta: float = 0.9
         reg_weight: float = 1.0
         inference: str = "decoupled"
-        logit_scale: float = 100.0
+        logit_scale: float | None = 100.0
 
         def validate(self) -> None:
             for name in ("n_rep_tokens", "rep_dim", "res_lora_dim", "proj_lora_dim"):
@@ -99,6 +101,12 @@ class MMRLpp(Method):
 
     def rep_projection(self) -> Tensor:
         return self.backbone.model.visual.proj + self.proj_A @ self.proj_B  # (W, E)
+
+    @property
+    def logit_scale(self) -> float:
+        if self.config.logit_scale is None:
+            return float(self.backbone.model.logit_scale.exp())
+        return self.config.logit_scale
 
     @property
     def first_layer(self) -> int:
@@ -172,7 +180,7 @@ class MMRLpp(Method):
         branches = self.image_branches(images, vision_tokens, trace)
         f_c, f_p = (F.normalize(branches["z_c"], dim=-1), F.normalize(branches["z_p"], dim=-1))
         w = F.normalize(text, dim=-1)
-        scale, alpha = self.config.logit_scale, self.config.class_branch_weight
+        scale, alpha = self.logit_scale, self.config.class_branch_weight
         logits_cls, logits_rep = scale * f_c @ w.t(), scale * f_p @ w.t()
         logits_fusion = alpha * logits_cls + (1 - alpha) * logits_rep
         branches.update(
