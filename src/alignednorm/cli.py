@@ -145,6 +145,7 @@ def demo_cmd(
     methods: Annotated[str, typer.Option(help="comma-separated methods")] = "zeroshot,mmrlpp,alignednorm",
     seed: int = 1,
     datasets: Annotated[str | None, typer.Option(help="comma-separated mini datasets (default: all)")] = None,
+    sets: Sets = None,
     force: bool = False,
     verbose: bool = False,
 ) -> None:
@@ -153,7 +154,8 @@ def demo_cmd(
 
     _setup_logging(verbose)
     run_demo(output, data_root, tuple(m.strip() for m in methods.split(",") if m.strip()), seed,
-             tuple(d.strip() for d in datasets.split(",")) if datasets else None, force, echo=typer.echo)
+             tuple(d.strip() for d in datasets.split(",")) if datasets else None, force, echo=typer.echo,
+             sets=tuple(sets or ()))
 
 
 @app.command("predict")

@@ -17,7 +17,8 @@ DEMO_METHODS = ("zeroshot", "mmrlpp", "alignednorm")
 
 
 def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", methods=DEMO_METHODS, seed: int = 1,
-             datasets: tuple[str, ...] | None = None, force: bool = False, progress: bool = True, echo=print) -> str:
+             datasets: tuple[str, ...] | None = None, force: bool = False, progress: bool = True, echo=print,
+             sets: tuple[str, ...] = ()) -> str:
     """Run the demo; returns the Markdown table it printed."""
     from alignednorm.mini import generate_world, mini_clip_path
     from alignednorm.protocols import expand
@@ -37,7 +38,8 @@ def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", m
     failed: dict[str, str] = {}
     for method in methods:
         request = SweepRequest(method=method, data_root=str(data_root), clip=str(clip), output=str(output),
-                               suite="mini", datasets=datasets, seeds=(seed,), device="cpu", progress=progress)
+                               suite="mini", datasets=datasets, seeds=(seed,), device="cpu", progress=progress,
+                               sets=tuple(sets))
         jobs = expand("base2new", request)
         echo(f"{method}: {len(jobs)} datasets ...")
         outcome = run_sweep(jobs, "inline", force=force)
