@@ -192,15 +192,25 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None) -> dic
 def evaluate_on(spec: RunSpec, method: Method, dataset: str, subset: str, seed: int, data_cfg) -> dict:
     """Accuracy of ``method`` on ``dataset``'s test split restricted to ``subset``."""
     split = load_split(spec, dataset, subset, seed)
+    result = evaluate_split(method, split, dataset, subset, data_cfg, spec.progress)
+    result.update(dataset=dataset, subset=subset)
+    log.info("%s %s/%s: %.2f%%", spec.method, dataset, subset, result["accuracy"])
+    return result
+
+
+def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: str, data_cfg,
+                   progress: bool = True) -> dict:
+    """Accuracy on ``split.test`` over its classes, with the inference rule ``rule`` (base / new / all).
+
+    Unreadable images skipped under ``data.skip_corrupt`` are counted in ``skipped_images``.
+    """
     method.set_classnames(split.classnames, D.get_dataset(dataset).template)
     loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
-    result = evaluate(method, loader, subset=subset, progress=spec.progress, desc=f"eval {dataset}/{subset}")
-    result.update(dataset=dataset, subset=subset, num_classes=len(split.classnames),
-                  skipped_images=loader.dataset.num_skipped)
-    if loader.dataset.num_skipped:
-        log.warning("%s/%s: skipped %d unreadable images: %s", dataset, subset, loader.dataset.num_skipped,
-                    sorted(loader.dataset.skipped)[:5])
-    log.info("%s %s/%s: %.2f%%", spec.method, dataset, subset, result["accuracy"])
+    result = evaluate(method, loader, subset=rule, progress=progress, desc=f"eval {dataset}/{rule}")
+    skipped = loader.dataset.num_skipped
+    result.update(num_classes=len(split.classnames), skipped_images=skipped)
+    if skipped:
+        log.warning("%s/%s: skipped %d unreadable images: %s", dataset, rule, skipped, sorted(loader.dataset.skipped)[:5])
     return result
 
 

@@ -35,9 +35,8 @@ from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.config import build, preset_path, resolve_config, to_yaml
 from alignednorm.data.catalog import Suite, get_suite
-from alignednorm.engine.evaluate import evaluate
 from alignednorm.engine.io import load_tensors, write_json, write_text
-from alignednorm.engine.run import RunLock, RunSpec, eval_loader, execute
+from alignednorm.engine.run import RunLock, RunSpec, evaluate_split, execute
 from alignednorm.errors import AlignedNormError, ConfigError
 from alignednorm.methods import Method, create_method
 
@@ -313,10 +312,8 @@ def run_eval_step(job: Job, step: EvalStep, method: Method, data_cfg) -> dict:
 
 def _evaluate(job: Job, method: Method, target: str, splits: D.DatasetSplits, ev: Evaluation, data_cfg) -> dict:
     split = D.subsample_classes(splits, ev.classes)
-    method.set_classnames(split.classnames, D.get_dataset(target).template)
-    loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
-    result = evaluate(method, loader, subset=ev.rule, progress=job.progress, desc=f"eval {target}/{ev.name}")
-    result.update(dataset=target, classes=ev.classes, rule=ev.rule, num_classes=len(split.classnames))
+    result = evaluate_split(method, split, target, ev.rule, data_cfg, job.progress)
+    result.update(dataset=target, classes=ev.classes, rule=ev.rule)
     log.info("%s %s %s/%s: %.2f%%", job.name, target, ev.classes, ev.rule, result["accuracy"])
     return result
 
