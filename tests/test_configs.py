@@ -12,7 +12,7 @@ from alignednorm.methods import list_methods
 def test_every_preset_resolves(method):
     for protocol in PROTOCOLS:
         for dataset in list_datasets("paper"):
-            method_cfg, train_cfg, _ = build(method, resolve_config(method, protocol, dataset))
+            _, train_cfg, _ = build(method, resolve_config(method, protocol, dataset))
             assert train_cfg.epochs >= 1
 
 

@@ -14,11 +14,13 @@ import torch
 from typer.testing import CliRunner
 
 import alignednorm
+from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.tiny import make_tiny_clip, save_openai_state_dict
 from alignednorm.cli import app
+from alignednorm.config import DataConfig
 from alignednorm.engine.io import atomic_write, write_json
-from alignednorm.engine.run import RunLock
+from alignednorm.engine.run import RunLock, evaluate_split
 from alignednorm.engine.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at_epoch
 from alignednorm.errors import AlignedNormError, CheckpointError
 from alignednorm.methods import create_method
@@ -138,3 +140,25 @@ def test_predict_api_and_cli(json_dataset, clip_file, tmp_path):
     with pytest.raises(CheckpointError, match="not the one the run was trained with"):
         other = save_openai_state_dict(make_tiny_clip(seed=9, layers=3), tmp_path / "other.pt")
         alignednorm.load(run_dir, clip=other)
+
+
+def test_class_names_that_do_not_match_the_checkpoint(json_dataset, clip_file, tmp_path, monkeypatch):
+    runner = CliRunner()
+    assert runner.invoke(app, _train_args(json_dataset, clip_file, tmp_path, 1), catch_exceptions=False).exit_code == 0
+    run_dir = tmp_path / "base2new" / "oxford_pets" / "alignednorm" / "seed1"
+    method = alignednorm.load(run_dir).method
+    trained = json.loads((run_dir / "run.json").read_text())["classnames"]
+    assert method.trained_classnames == trained
+    # The 'base' rule serves only the trained classes (any order); other classes go through 'new'/'all'.
+    method.check_classnames(trained[::-1], "base")
+    method.check_classnames(["cat", "dog"], "new")
+    with pytest.raises(CheckpointError, match=r"class names do not match the prompt trained in .*'base' rule.*"
+                                              r"2 given classes are not among them \['cat', 'dog'\]"):
+        method.check_classnames(["cat", "dog"], "base")
+    splits = D.subsample_classes(D.load_splits("oxford_pets", json_dataset.root), "new")
+    with pytest.raises(CheckpointError, match="class names do not match"):
+        evaluate_split(method, splits, "oxford_pets", "base", DataConfig())
+    # A prompt learned per class only fits its own class list, whatever the rule.
+    monkeypatch.setattr(type(method), "class_specific", True)
+    with pytest.raises(CheckpointError, match=r"learns one prompt per class and was trained on \d+ classes"):
+        alignednorm.load(run_dir).predict(torch.zeros(1, 3, 32, 32), classes=["cat", "dog"])

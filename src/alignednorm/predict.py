@@ -19,7 +19,7 @@ from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.config import build
 from alignednorm.engine.io import load_tensors
-from alignednorm.engine.run import file_sha256
+from alignednorm.engine.run import file_sha256, remember_training_classes
 from alignednorm.errors import CheckpointError, DataError
 from alignednorm.methods import Method, create_method
 
@@ -52,6 +52,7 @@ class Predictor:
             template: prompt template (default: the run's).
         """
         classes = list(classes or self.classnames)
+        self.method.check_classnames(classes, "all")
         self.method.set_classnames(classes, template or self.info["template"])
         batch = images if isinstance(images, torch.Tensor) else torch.stack([self.transform(i) for i in _open(images)])
         device = next(self.method.backbone.parameters()).device
@@ -108,4 +109,5 @@ def load(run_dir: str | Path, clip: str | Path | None = None, device: str | torc
     if method.learnable_parameters():
         method.load_learnable_state_dict(load_tensors(run_dir / "learnable.safetensors"),
                                          source=str(run_dir / "learnable.safetensors"))
+        remember_training_classes(method, run_dir)
     return Predictor(method.to(device), info)

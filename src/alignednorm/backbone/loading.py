@@ -22,6 +22,7 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import ClassVar
 
 import open_clip
 import torch
@@ -49,7 +50,7 @@ class _Inert:
 class _TensorOnlyUnpickler(pickle.Unpickler):
     """Unpickles a TorchScript ``data.pkl`` allowing only tensor rebuilds and containers."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("torch._utils", "_rebuild_tensor_v2"),
         ("torch._utils", "_rebuild_parameter"),
         ("collections", "OrderedDict"),

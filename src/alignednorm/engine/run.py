@@ -162,6 +162,8 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None) -> dic
     template = D.get_dataset(spec.dataset).template
     train_split = load_split(spec, spec.dataset, spec.train_subset, train_cfg.seed)
     method.set_classnames(train_split.classnames, template)
+    if method.learnable_parameters():
+        method.trained_classnames, method.trained_source = train_split.classnames, f"the prompt trained in {run_dir}"
     main = distributed.is_main()
     if main:
         write_text(run_dir / "config.yaml", to_yaml(spec.config))
@@ -204,6 +206,7 @@ def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: s
 
     Unreadable images skipped under ``data.skip_corrupt`` are counted in ``skipped_images``.
     """
+    method.check_classnames(split.classnames, rule)
     method.set_classnames(split.classnames, D.get_dataset(dataset).template)
     loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
     result = evaluate(method, loader, subset=rule, progress=progress, desc=f"eval {dataset}/{rule}")
@@ -212,6 +215,17 @@ def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: s
     if skipped:
         log.warning("%s/%s: skipped %d unreadable images: %s", dataset, rule, skipped, sorted(loader.dataset.skipped)[:5])
     return result
+
+
+def remember_training_classes(method: Method, run_dir: str | Path) -> None:
+    """Tell ``method`` which classes the prompt saved in ``run_dir`` was trained on (from ``run.json``)."""
+    info_path = Path(run_dir) / "run.json"
+    try:
+        classnames = json.loads(info_path.read_text())["classnames"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise AlignedNormError(f"{info_path}: cannot read the training class names ({exc!r}); "
+                               "expected the run.json written by training") from exc
+    method.trained_classnames, method.trained_source = classnames, f"the prompt trained in {run_dir}"
 
 
 def _run_info(spec: RunSpec, split: D.DatasetSplits, backbone: ClipBackbone) -> dict:

@@ -65,6 +65,9 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    # True when learned tensors are tied to the class list (e.g. CoOp's class-specific contexts):
+    # such a prompt only works for exactly the classes, in the order, it was trained on.
+    class_specific: ClassVar[bool] = False
 
     def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None):
         super().__init__()
@@ -72,6 +75,9 @@ class Method(nn.Module):
         self.config = config if config is not None else self.Config()
         self.classnames: list[str] = []
         self.template = "a photo of a {}."
+        # The classes the learned prompt was trained on (set by the trainer or when loading a run).
+        self.trained_classnames: list[str] | None = None
+        self.trained_source = "the trained prompt"
 
     # ------------------------------------------------------------------ interface
     def set_classnames(self, classnames: list[str], template: str = "a photo of a {}.") -> None:
@@ -84,6 +90,29 @@ class Method(nn.Module):
     def prompts(self) -> list[str]:
         """The class prompts, with ``_`` in class names read as spaces (as CoOp does)."""
         return [self.template.format(c.replace("_", " ")) for c in self.classnames]
+
+    def check_classnames(self, classnames: list[str], rule: str) -> None:
+        """Refuse class names the learned prompt cannot serve under inference ``rule``.
+
+        The ``base`` rule (e.g. MMRL++'s representation branch) is only meaningful for the
+        classes the prompt was trained on, and a class-specific prompt only for exactly those.
+        """
+        trained, source = self.trained_classnames, self.trained_source
+        if trained is None or list(classnames) == list(trained):
+            return
+        if self.class_specific:
+            raise CheckpointError(
+                f"class names do not match {source}: method {self.name!r} learns one prompt per class and was "
+                f"trained on {len(trained)} classes {_preview(trained)}, but {len(classnames)} classes were given "
+                f"{_preview(classnames)}; pass the training classes in their order")
+        if rule == "base" and set(classnames) != set(trained):
+            unknown = [c for c in classnames if c not in set(trained)]
+            absent = [c for c in trained if c not in set(classnames)]
+            raise CheckpointError(
+                f"class names do not match {source}: the 'base' rule is for the {len(trained)} classes the prompt "
+                f"was trained on, but {len(unknown)} given classes are not among them {_preview(unknown)} and "
+                f"{len(absent)} trained classes are absent {_preview(absent)}; evaluate other classes with the "
+                f"'new' or 'all' rule")
 
     # forward(images, subset="all") -> Outputs is each subclass's own.
 
@@ -125,6 +154,11 @@ class Method(nn.Module):
         with torch.no_grad():
             for k, p in own.items():
                 p.copy_(state[k].to(p.dtype))
+
+
+def _preview(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
 
 
 _METHODS: dict[str, type[Method]] = {}

@@ -36,7 +36,7 @@ from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.config import build, preset_path, resolve_config, to_yaml
 from alignednorm.data.catalog import Suite, get_suite
 from alignednorm.engine.io import load_tensors, write_json, write_text
-from alignednorm.engine.run import RunLock, RunSpec, evaluate_split, execute
+from alignednorm.engine.run import RunLock, RunSpec, evaluate_split, execute, remember_training_classes
 from alignednorm.errors import AlignedNormError, ConfigError
 from alignednorm.methods import Method, create_method
 
@@ -274,6 +274,7 @@ def load_trained(job: Job, backbone: ClipBackbone) -> tuple[Method, object]:
     if method.learnable_parameters():
         weights = train_dir / "learnable.safetensors"
         method.load_learnable_state_dict(load_tensors(weights), source=str(weights))
+        remember_training_classes(method, train_dir)
     return method, data_cfg
 
 
