@@ -133,3 +133,16 @@ def variant_datasets(data_root) -> SimpleNamespace:
         write_image(image_dir_v2 / str(label) / f"img{label}.jpeg", label)
     (data_root / spec_v2.folder / "classnames.txt").write_text(lines)
     return SimpleNamespace(root=data_root, a=spec_a, v2=spec_v2, image_dir_a=image_dir_a)
+
+
+@pytest.fixture(scope="session")
+def tensorboard_scalars():
+    """Read a TensorBoard folder as ``{tag: [(step, value), ...]}`` (purged steps already dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def read(folder: Path) -> dict[str, list[tuple[int, float]]]:
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+    return read

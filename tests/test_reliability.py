@@ -60,7 +60,7 @@ def test_same_seed_same_metrics(json_dataset, clip_file, tmp_path):
     assert a["eval"] == b["eval"] and a["train"] == b["train"]
 
 
-def test_sigkill_then_resume_gives_uninterrupted_result(json_dataset, clip_file, tmp_path):
+def test_sigkill_then_resume_gives_uninterrupted_result(json_dataset, clip_file, tmp_path, tensorboard_scalars):
     epochs = 6
     reference = CliRunner().invoke(app, _train_args(json_dataset, clip_file, tmp_path / "ref", epochs),
                                    catch_exceptions=False)
@@ -82,6 +82,13 @@ def test_sigkill_then_resume_gives_uninterrupted_result(json_dataset, clip_file,
                                  catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output
     assert _metrics(out)["eval"] == _metrics(tmp_path / "ref")["eval"]
+    # The TensorBoard curve of the resumed run is the uninterrupted one: steps the killed attempt logged
+    # past its checkpoint are purged, none appear twice.
+    ref_dir = tmp_path / "ref" / "base2new" / "oxford_pets" / "alignednorm" / "seed1"
+    resumed_loss = tensorboard_scalars(run_dir / "tensorboard")["train/loss"]
+    reference_loss = tensorboard_scalars(ref_dir / "tensorboard")["train/loss"]
+    assert [s for s, _ in resumed_loss] == [s for s, _ in reference_loss]
+    assert [v for _, v in resumed_loss] == pytest.approx([v for _, v in reference_loss], abs=1e-6)
 
 
 def test_run_lock_refuses_a_second_writer(tmp_path):

@@ -1,5 +1,9 @@
 """The generic trainer: precision modes, gradient accumulation, resume bookkeeping."""
 
+import json
+import sys
+import types
+
 import pytest
 import torch
 
@@ -70,3 +74,43 @@ def test_bad_train_config_values():
         TrainConfig(batch_size=0)
     with pytest.raises(ConfigError, match="train.lr = -0.1"):
         TrainConfig(lr=-0.1)
+
+
+def test_tensorboard_events_and_jsonl_log(backbone, tmp_path, tensorboard_scalars):
+    cfg = TrainConfig(epochs=2, batch_size=2, warmup_epochs=0, log_every=1)
+    Trainer(_method(backbone), cfg, run_dir=tmp_path, progress=False).fit(_data())
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    # 4 steps per epoch, each logged at the global step it completes; epoch means at the epoch's last step
+    assert [step for step, _ in scalars["train/loss"]] == list(range(1, 9))
+    assert [step for step, _ in scalars["epoch/epoch_mean/loss"]] == [4, 8]
+    assert {"train/lr", "train/ce_cls", "train/ce_rep", "epoch/seconds"} <= set(scalars)
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    step_losses = [line["loss"] for line in lines if "loss" in line]
+    assert step_losses == pytest.approx([value for _, value in scalars["train/loss"]])
+
+
+def test_wandb_logging_on_request(backbone, tmp_path, monkeypatch):
+    cfg = TrainConfig(epochs=1, batch_size=4, warmup_epochs=0, log_every=1, tensorboard=False, wandb_project="mini")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ConfigError, match=r"train.wandb_project = 'mini' needs the wandb package"):
+        Trainer(_method(backbone), cfg, run_dir=tmp_path / "a", progress=False).fit(_data())
+
+    calls = []
+
+    class Run:  # records what the trainer sends; wandb itself needs an account and the network
+        def log(self, scalars, step):
+            calls.append(("log", step, scalars))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    Trainer(_method(backbone), cfg, run_dir=tmp_path / "b", progress=False).fit(_data())
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "mini" and calls[0][1]["resume"] == "allow"
+    assert [c[1] for c in calls if c[0] == "log"] == [1, 2, 2]  # two steps, then epoch 1's means (steps never go back)
+    assert "train/loss" in calls[1][2] and calls[-1] == ("finish",)
+    assert not (tmp_path / "b" / "tensorboard").exists()

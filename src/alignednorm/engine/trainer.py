@@ -8,7 +8,6 @@ and augmentation of epoch ``e`` depend only on ``(seed, e)``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
 from alignednorm.engine.io import save_torch
+from alignednorm.engine.tracking import RunTracker
 from alignednorm.errors import AlignedNormError, ConfigError
 from alignednorm.methods.base import Method
 
@@ -51,7 +51,9 @@ class TrainConfig:
         grad_accum: micro-batches accumulated per optimiser step.
         seed: seeds sampling order, augmentation and initialisation.
         num_workers: data-loading worker processes.
-        log_every: steps between JSONL log lines.
+        log_every: steps between logged training steps (``log.jsonl``, TensorBoard, wandb).
+        tensorboard: write TensorBoard event files under ``<run>/tensorboard``.
+        wandb_project: also log to this Weights & Biases project when set (needs ``wandb``).
     """
 
     epochs: int = 5
@@ -65,11 +67,13 @@ class TrainConfig:
     seed: int = 1
     num_workers: int = 0
     log_every: int = 10
+    tensorboard: bool = True
+    wandb_project: str = ""
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision = {self.precision!r}; expected one of {PRECISIONS}")
-        for name in ("epochs", "batch_size", "grad_accum"):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected an integer >= 1")
         for name in ("lr", "weight_decay", "warmup_lr", "warmup_epochs", "num_workers"):
@@ -96,7 +100,7 @@ class Trainer:
     Args:
         method: any registered :class:`Method` with its class names set.
         config: optimisation settings.
-        run_dir: where ``checkpoint.pt`` and ``log.jsonl`` go; ``None`` keeps nothing on disk.
+        run_dir: where ``checkpoint.pt``, ``log.jsonl`` and ``tensorboard/`` go; ``None`` keeps nothing on disk.
         progress: show a progress bar.
     """
 
@@ -114,6 +118,7 @@ class Trainer:
                               f"{distributed.world_size()} processes of this distributed run")
         self.start_epoch = 0
         self.global_step = 0
+        self.tracker: RunTracker | None = None
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -157,13 +162,6 @@ class Trainer:
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.config.num_workers, generator=generator,
                           collate_fn=skip_none_collate)
 
-    def _log(self, record: dict) -> None:
-        if self.run_dir is None or not distributed.is_main():
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
@@ -182,12 +180,17 @@ class Trainer:
             return {}
         if resume:
             self.try_resume()
+        self.tracker = RunTracker(self.run_dir, self.config.tensorboard, self.config.wandb_project,
+                                  start_step=self.global_step, config=asdict(self.config))
         last: dict = {}
-        for epoch in range(self.start_epoch, self.config.epochs):
-            last = self._train_epoch(dataset, epoch)
-            self.method.on_epoch_end(epoch, self.config.epochs)
-            self.save_checkpoint(epoch)
-            distributed.barrier()  # nobody starts the next epoch before the checkpoint exists
+        try:
+            for epoch in range(self.start_epoch, self.config.epochs):
+                last = self._train_epoch(dataset, epoch)
+                self.method.on_epoch_end(epoch, self.config.epochs)
+                self.save_checkpoint(epoch)
+                distributed.barrier()  # nobody starts the next epoch before the checkpoint exists
+        finally:
+            self.tracker.close()
         return last
 
     def _train_epoch(self, dataset: Dataset, epoch: int) -> dict:
@@ -212,11 +215,13 @@ class Trainer:
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             if step % self.config.log_every == 0:
-                self._log({"epoch": epoch + 1, "step": step, "global_step": self.global_step,
-                           "lr": self.optimizer.param_groups[0]["lr"], **{k: float(v.detach()) for k, v in terms.items()}})
+                self.tracker.log({"epoch": epoch + 1, "step": step, "global_step": self.global_step,
+                                  "lr": self.optimizer.param_groups[0]["lr"],
+                                  **{k: float(v.detach()) for k, v in terms.items()}}, self.global_step, "train")
             bar.set_postfix(loss=f"{float(terms['loss'].detach()):.3f}")
         means = {k: v / max(len(loader), 1) for k, v in sums.items()}
-        self._log({"epoch": epoch + 1, "epoch_mean": means, "seconds": round(time.time() - start, 3)})
+        self.tracker.log({"epoch": epoch + 1, "epoch_mean": means, "seconds": round(time.time() - start, 3)},
+                         self.global_step, "epoch")
         return means
 
     def _optimizer_step(self, epoch: int, step: int) -> None:
