@@ -45,3 +45,38 @@ def test_config_errors_name_the_key_and_file(tmp_path):
         resolve_config("alignednorm", overrides=["method.reg_weight=-2"])
     with pytest.raises(ConfigError, match="expected key=value"):
         resolve_config("mmrlpp", overrides=["train.epochs"])
+
+
+@pytest.mark.parametrize("method", list_methods())
+def test_every_preset_resolves_on_the_mini_suite(method):
+    import alignednorm.mini  # noqa: F401  (registers the mini datasets)
+
+    for protocol in PROTOCOLS:
+        for dataset in list_datasets("mini"):
+            _, train_cfg, data_cfg = build(method, resolve_config(method, protocol, dataset))
+            assert train_cfg.epochs >= 1 and data_cfg.hflip is False
+
+
+def test_suite_file_then_method_suite_section():
+    import alignednorm.mini  # noqa: F401
+
+    # configs/suites/mini.yaml sizes training for every method, per protocol ...
+    few = resolve_config("mmrlpp", "fewshot", "mini_counts")
+    assert (few.train.batch_size, few.train.epochs, few.train.lr) == (16, 20, 2e-3)  # lr from mmrlpp's fewshot
+    assert resolve_config("zeroshot", "crossdataset", "mini_objects").train.batch_size == 32
+    # ... and the method's own suites.mini section comes after it; the user still wins.
+    assert resolve_config("alignednorm", "base2new", "mini_counts").method.logit_scale is None
+    assert resolve_config("alignednorm", "base2new", "mini_counts", overrides=["train.epochs=2"]).train.epochs == 2
+    # Paper datasets are untouched by the mini suite.
+    assert resolve_config("mmrlpp", "base2new", "dtd").data.hflip is True
+
+
+def test_suite_file_holds_only_train_and_data(tmp_path, monkeypatch):
+    import alignednorm.mini  # noqa: F401
+    from alignednorm import config
+
+    bad = tmp_path / "mini.yaml"
+    bad.write_text("method: {reg_weight: 2.0}\n")
+    monkeypatch.setattr(config, "suite_preset_path", lambda suite: bad)
+    with pytest.raises(ConfigError, match=r"mini.yaml: unexpected top-level keys \['method'\]"):
+        resolve_config("mmrlpp", "base2new", "mini_counts")

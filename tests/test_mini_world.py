@@ -11,6 +11,7 @@ from PIL import Image
 
 from alignednorm.data.catalog import get_dataset, list_datasets
 from alignednorm.mini import MINI_DATASETS, generate_world, get_mini
+from alignednorm.mini.capture import Capture
 from alignednorm.mini.draw import SIZE
 from alignednorm.mini.world import image_rng, is_complete, render_image
 
@@ -109,3 +110,32 @@ def test_split_reads_with_the_coop_reader(tmp_path):
     spec = get_dataset(dataset.name)
     splits = read_split_json(tmp_path / spec.folder / spec.split_file, tmp_path / spec.folder / spec.image_root)
     assert len(splits.test) == len(dataset.classes) * dataset.counts[2]
+
+
+def test_capture_conditions():
+    image = Image.fromarray(np.full((SIZE, SIZE, 3), (200, 40, 40), dtype=np.uint8))  # a red patch
+    rng = np.random.default_rng(0)
+    assert Capture().apply(image, rng) is image
+    rotated = np.asarray(Capture(hue_rotation=1.0).apply(image, rng))
+    assert tuple(rotated[0, 0]) == (40, 200, 40)  # R -> G: red reads as green
+    faded = np.asarray(Capture(contrast=0.5, cast=(10, 0, 0)).apply(image, rng)).astype(int)
+    assert tuple(faded[0, 0]) == (174, 84, 84)  # (x - 127.5) / 2 + 127.5, plus the cast, rounded
+    noisy = [np.asarray(Capture(noise=10).apply(image, np.random.default_rng(s))) for s in (1, 1, 2)]
+    assert np.array_equal(noisy[0], noisy[1]) and not np.array_equal(noisy[0], noisy[2])
+    assert 5 < np.abs(noisy[0].astype(int) - 200)[..., 0].mean() < 12
+
+
+def test_downstream_images_are_captured_pretraining_images_are_clean():
+    """Each dataset's camera differs from the pretraining renders; the variants share the broad set's."""
+    from alignednorm.mini.pretrain import pretraining_image
+
+    for dataset in MAIN:
+        assert not dataset.capture.is_identity, dataset.name
+        label = len(dataset.classes) // 2
+        captured = render_image(dataset, label, image_rng(0, dataset, label, "test", 0))
+        clean = dataset.render(image_rng(0, dataset, label, "test", 0), *dataset.classes[label][1])
+        assert captured.size == clean.size and not np.array_equal(np.asarray(captured), np.asarray(clean))
+        if dataset.name != "mini_objects":  # objects' pretraining images draw a random style first
+            assert np.array_equal(np.asarray(pretraining_image(dataset, label, image_rng(0, dataset, label, "test", 0))),
+                                  np.asarray(clean))
+    assert {d.capture for d in VARIANTS} == {get_mini("mini_objects").capture}

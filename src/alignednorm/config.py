@@ -1,9 +1,10 @@
 """Run configuration: dataclass schemas merged with OmegaConf in a documented order.
 
 Precedence, later wins: schema defaults ← method preset (``configs/methods/<method>.yaml``) ←
-the preset's protocol section ← its section for the dataset's suite (``suites.mini``, then
-``suites.mini.protocols.<protocol>``) ← its per-dataset section for that protocol ← the user's
-YAML ← ``--set key=value`` options. Unknown keys and wrong types raise :class:`ConfigError` naming
+the preset's protocol section ← the dataset's suite file (``configs/suites/<suite>.yaml``: ``train``
+and ``data`` shared by every method, then its ``protocols.<protocol>``) ← the preset's section for
+that suite (``suites.mini``, then ``suites.mini.protocols.<protocol>``) ← its per-dataset section
+for that protocol ← the user's YAML ← ``--set key=value`` options. Unknown keys and wrong types raise :class:`ConfigError` naming
 the key, the file it came from and the closest valid key.
 """
 
@@ -46,6 +47,10 @@ def preset_path(method: str) -> Path:
     return Path(str(resources.files("alignednorm") / "configs" / "methods" / f"{method}.yaml"))
 
 
+def suite_preset_path(suite: str) -> Path:
+    return Path(str(resources.files("alignednorm") / "configs" / "suites" / f"{suite}.yaml"))
+
+
 def _schema(method: str) -> DictConfig:
     method_cls = get_method_class(method).Config
     return OmegaConf.create({
@@ -84,21 +89,36 @@ def _load_yaml(path: Path) -> DictConfig:
     return data
 
 
-def _sections(node, source: str) -> list[tuple[object, str]]:
-    part = {k: node[k] for k in ("method", "train", "data") if k in node}
+def _sections(node, source: str, keys: tuple[str, ...] = ("method", "train", "data")) -> list[tuple[object, str]]:
+    part = {k: node[k] for k in keys if k in node}
     return [(part, source)] if part else []
+
+
+def _suite_file_layers(suite: str, protocol: str | None) -> list[tuple[object, str]]:
+    """``configs/suites/<suite>.yaml``: train and data settings every method shares on that suite."""
+    path = suite_preset_path(suite)
+    if not path.is_file():
+        return []
+    preset = _load_yaml(path)
+    stray = sorted(set(preset) - {"train", "data", "protocols"})
+    if stray:
+        raise ConfigError(f"{path}: unexpected top-level keys {stray}; a suite file holds train, data and protocols")
+    layers = _sections(preset, str(path), ("train", "data"))
+    if protocol:
+        layers += _sections(preset.get("protocols", {}).get(protocol, {}), f"{path} protocols.{protocol}",
+                            ("train", "data"))
+    return layers
 
 
 def _preset_layers(method: str, protocol: str | None, dataset: str | None) -> list[tuple[object, str]]:
     """The preset's layers for one run: top level, protocol, the dataset's suites, the dataset."""
     path = preset_path(method)
-    if not path.is_file():
-        return []
-    preset = _load_yaml(path)
+    preset = _load_yaml(path) if path.is_file() else OmegaConf.create({})
     layers = _sections(preset, str(path))
     section = preset.get("protocols", {}).get(protocol, {}) if protocol else {}
     layers += _sections(section, f"{path} protocols.{protocol}")
     for name in _dataset_suites(dataset):
+        layers += _suite_file_layers(name, protocol)
         suite = preset.get("suites", {}).get(name, {})
         layers += _sections(suite, f"{path} suites.{name}")
         if protocol:

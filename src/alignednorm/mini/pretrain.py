@@ -43,7 +43,7 @@ from .model import (
     tokenize,
 )
 from .objects import render_object
-from .world import MINI_DATASETS, WORLD_VERSION, MiniDataset, render_image
+from .world import MINI_DATASETS, WORLD_VERSION, MiniDataset
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def pretraining_image(dataset: MiniDataset, label: int, rng: np.random.Generator
     if dataset.render is render_object:
         style = list(OBJECT_STYLES)[rng.choice(len(OBJECT_STYLES), p=list(OBJECT_STYLES.values()))]
         return render_object(rng, factors[0], factors[1], style)
-    return render_image(dataset, label, rng)
+    return dataset.render(rng, *factors)  # clean: each dataset's capture condition is downstream-only
 
 
 def training_datasets() -> list[MiniDataset]:
@@ -310,8 +310,6 @@ def export(model: torch.nn.Module, out_path: Path, cfg: PretrainConfig, record: 
     save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, out_path)
     out_path.chmod(0o644)
-    table = zero_shot_table(out_path, cfg.seed)
-    main = [d.name for d in training_datasets()]
     meta = {
         "architecture": {**cfg.arch, "heads": cfg.arch["vision_width"] // 64, "activation": "QuickGELU",
                          "tokenizer": "OpenAI BPE (open_clip SimpleTokenizer)",
@@ -320,17 +318,39 @@ def export(model: torch.nn.Module, out_path: Path, cfg: PretrainConfig, record: 
         "steps": record["step"], "wall_time_s": round(record["elapsed_s"], 1),
         "seconds_per_step": round(record["elapsed_s"] / max(1, record["step"]), 3),
         "file_bytes": out_path.stat().st_size,
-        "zero_shot": table,
-        "zero_shot_mean_single": round(sum(table["single"][n] for n in main) / len(main), 4),
-        "zero_shot_mean_ensemble": round(sum(table["ensemble"][n] for n in main) / len(main), 4),
+        **_zero_shot_fields(out_path, cfg.seed),
         "history": record["history"],
-        "world_version": WORLD_VERSION,
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "numpy": np.__version__},
         "command": command,
     }
+    _write_meta(out_path, meta)
+    return meta
+
+
+def _zero_shot_fields(path: Path, seed: int) -> dict:
+    table = zero_shot_table(path, seed)
+    main = [d.name for d in training_datasets()]
+    return {
+        "zero_shot": table,
+        "zero_shot_mean_single": round(sum(table["single"][n] for n in main) / len(main), 4),
+        "zero_shot_mean_ensemble": round(sum(table["ensemble"][n] for n in main) / len(main), 4),
+        "world_version": WORLD_VERSION,
+    }
+
+
+def _write_meta(out_path: Path, meta: dict) -> None:
     tmp_json = out_path.with_suffix(".json.tmp")
     tmp_json.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp_json, out_path.with_suffix(".json"))
+
+
+def rescore(path: str | os.PathLike | None = None) -> dict:
+    """Re-measure a checkpoint's zero-shot table on the current world (after its renderers or captures
+    changed) and rewrite those fields of its metadata; the weights and training record are untouched."""
+    path = Path(path) if path is not None else mini_clip_path()
+    meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    meta.update(_zero_shot_fields(path, meta["config"]["seed"]))
+    _write_meta(path, meta)
     return meta
 
 
@@ -371,8 +391,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=PretrainConfig.threads)
     parser.add_argument("--eval-every", type=int, default=PretrainConfig.eval_every)
     parser.add_argument("--patch-size", type=int, default=MINI_CLIP["patch_size"])
+    parser.add_argument("--rescore", action="store_true",
+                        help="only re-measure the zero-shot table of --out (or the packaged asset) on the current world")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.rescore:
+        meta = rescore(args.out)
+        log.info("zero-shot (own template) %s; mean %.3f", meta["zero_shot"]["single"], meta["zero_shot_mean_single"])
+        return
     pretrain(args.out, seed=args.seed, steps=args.steps, work_dir=args.work_dir, batch_size=args.batch_size,
              lr=args.lr, threads=args.threads, eval_every=args.eval_every,
              arch={**MINI_CLIP, "patch_size": args.patch_size})

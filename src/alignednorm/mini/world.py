@@ -18,7 +18,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from PIL import Image
 
 from alignednorm.data.catalog import DatasetSpec, register_dataset
 
+from .capture import Capture
 from .icons import ICONS, LETTERS
 from .objects import MARKINGS, render_object
 from .scenes import (
@@ -42,7 +43,7 @@ __all__ = ["MINI_DATASETS", "WORLD_VERSION", "MiniDataset", "generate_world", "g
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 """Bumped whenever the renderers change, so stale worlds on disk are regenerated."""
 _STAMP = ".complete.json"
 _SPLITS = ("train", "val", "test")
@@ -61,6 +62,8 @@ class MiniDataset:
         render: ``render(rng, *factors) -> PIL image``.
         counts: images per class in train / val / test.
         test_only: True for the shifted variants (their split JSON repeats test as train, val is empty).
+        capture: the dataset's capture condition, applied to its images but never to pretraining
+            images (:mod:`alignednorm.mini.capture`).
     """
 
     name: str
@@ -71,6 +74,7 @@ class MiniDataset:
     render: Callable[..., Image.Image]
     counts: tuple[int, int, int] = (20, 4, 25)
     test_only: bool = False
+    capture: Capture = field(default_factory=Capture)
 
     @property
     def classnames(self) -> list[str]:
@@ -102,28 +106,40 @@ _FEATURES = ("", "river", "highway", "lake", "village")
 def _objects(suffix: str, dassl: str, style: str, counts: tuple[int, int, int]) -> MiniDataset:
     classes = [(kind if m == "plain" else f"{m} {kind}", (kind, m, style)) for kind in ICONS for m in MARKINGS]
     return MiniDataset(f"mini_objects{suffix}", f"objects{suffix}", f"MiniObjects{dassl}", "a photo of a {}.",
-                       _sorted(classes), render_object, counts, test_only=bool(suffix))
+                       _sorted(classes), render_object, counts, test_only=bool(suffix), capture=CAPTURES["objects"])
 
 
+# Each dataset's camera (see capture.py): mild for the broad set (ImageNet is close to web photos; its
+# variants share its camera and add their own style), false colour for the top-down scenes, scanned-paper
+# casts for textures and glyphs, white-balance errors where colour names the class.
+CAPTURES = {
+    "objects": Capture(contrast=0.85, cast=(12, 6, -6), blur=0.4, noise=6),
+    "shapes": Capture(hue_rotation=0.3, contrast=0.8),
+    "textures": Capture(contrast=0.7, cast=(40, 30, 10), blur=0.6, noise=10),
+    "glyphs": Capture(contrast=0.65, cast=(70, 45, 10), blur=0.8, noise=14),
+    "counts": Capture(contrast=0.8, cast=(25, 25, 25), blur=0.5, noise=12),
+    "relations": Capture(hue_rotation=0.3, noise=8),
+    "satellite": Capture(hue_rotation=0.6, contrast=0.9),
+}
 _VARIANT_COUNTS = (0, 0, 15)
 MINI_DATASETS: tuple[MiniDataset, ...] = (
     _objects("", "", "photo", (20, 4, 20)),
     MiniDataset("mini_shapes", "shapes", "MiniShapes", "a drawing of a {}.",
                 _sorted([(f"{c} {s}", (s, c)) for s in ("circle", "square", "triangle", "star", "cross", "hexagon")
-                         for c in ("red", "green", "blue", "yellow")]), render_shape),
+                         for c in ("red", "green", "blue", "yellow")]), render_shape, capture=CAPTURES["shapes"]),
     MiniDataset("mini_textures", "textures", "MiniTextures", "{} texture.",
-                _sorted([(t, (t,)) for t in _TEXTURES]), render_texture),
+                _sorted([(t, (t,)) for t in _TEXTURES]), render_texture, capture=CAPTURES["textures"]),
     MiniDataset("mini_glyphs", "glyphs", "MiniGlyphs", "a photo of the {}, a character.",
-                _sorted([(f"letter {a}", (a,)) for a in LETTERS]), render_glyph),
+                _sorted([(f"letter {a}", (a,)) for a in LETTERS]), render_glyph, capture=CAPTURES["glyphs"]),
     MiniDataset("mini_counts", "counts", "MiniCounts", "a photo of {}.",
                 _sorted([(f"{w} {_COUNTED[s][n > 1]}", (n, s)) for n, w in enumerate(_NUMBERS, 1) for s in _COUNTED]),
-                render_count),
+                render_count, capture=CAPTURES["counts"]),
     MiniDataset("mini_relations", "relations", "MiniRelations", "a scene with a {}.",
                 _sorted([(f"{a} shape {r} a {b} shape", (a, r, b)) for a in _PAIRED for b in _PAIRED if a != b
-                         for r in ("above", "left of")]), render_relation),
+                         for r in ("above", "left of")]), render_relation, capture=CAPTURES["relations"]),
     MiniDataset("mini_satellite", "satellite", "MiniSatellite", "a centered satellite photo of {}.",
                 _sorted([(f"{t} with a {f}" if f else t, (t, f)) for t in TERRAINS for f in _FEATURES]),
-                render_satellite),
+                render_satellite, capture=CAPTURES["satellite"]),
     _objects("_v2", "V2", "shifted", _VARIANT_COUNTS),
     _objects("_sketch", "Sketch", "sketch", _VARIANT_COUNTS),
     _objects("_a", "A", "occluded", _VARIANT_COUNTS),
@@ -148,8 +164,8 @@ def image_rng(seed: int, dataset: MiniDataset, label: int, split: str, index: in
 
 
 def render_image(dataset: MiniDataset, label: int, rng: np.random.Generator) -> Image.Image:
-    """Render one image of class ``label`` of ``dataset``."""
-    return dataset.render(rng, *dataset.classes[label][1])
+    """Render one image of class ``label`` of ``dataset``, as its capture condition sees it."""
+    return dataset.capture.apply(dataset.render(rng, *dataset.classes[label][1]), rng)
 
 
 def _class_folder(classname: str) -> str:
