@@ -87,7 +87,7 @@ def test_bad_config_and_checkpoint_messages(backbone):
     method = create_method("mmrlpp", backbone, _small_config("mmrlpp"))
     state = method.learnable_state_dict()
     state["rep_tokens"] = torch.zeros(9, 9)
-    with pytest.raises(CheckpointError, match=r"wrong shapes \['rep_tokens: \(9, 9\) vs \(2, 16\)'\]"):
+    with pytest.raises(CheckpointError, match=r"wrong shapes \['rep_tokens: checkpoint \(9, 9\) vs model \(2, 16\)'\]"):
         method.load_learnable_state_dict(state)
 
 

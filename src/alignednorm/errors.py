@@ -19,3 +19,22 @@ class CheckpointError(AlignedNormError):
 
 class ConfigError(AlignedNormError):
     """A config key is unknown or a value is out of range."""
+
+
+def state_mismatch(expected: dict, given: dict, limit: int = 8) -> str:
+    """What keeps ``given`` tensors from loading into ``expected`` ones ("" when they fit).
+
+    Lists missing keys, unexpected keys and wrong shapes (``key: checkpoint (..) vs model (..)``),
+    at most ``limit`` of each, for messages that say exactly what a checkpoint lacks.
+    """
+
+    def listed(items: list[str]) -> str:
+        return f"{items[:limit]}{' ...' if len(items) > limit else ''}"
+
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in given and tuple(given[k].shape) != tuple(v.shape)]
+    parts = [f"{name} {listed(items)}" for name, items in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
+    return "; ".join(parts)

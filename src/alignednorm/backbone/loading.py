@@ -29,7 +29,7 @@ import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import load_file
 
-from alignednorm.errors import CheckpointError
+from alignednorm.errors import CheckpointError, state_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -183,22 +183,9 @@ def openai_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
 def _load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if wrong:
-            parts.append(f"wrong shapes {wrong[:8]}")
-        raise CheckpointError(f"{source}: weights do not fit the model: " + "; ".join(parts))
+    mismatch = state_mismatch(expected, state_dict)
+    if mismatch:
+        raise CheckpointError(f"{source}: weights do not fit the model: {mismatch}")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()})
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from alignednorm.backbone.clip import ClipBackbone
-from alignednorm.errors import CheckpointError, ConfigError
+from alignednorm.errors import CheckpointError, ConfigError, state_mismatch
 
 SUBSETS = ("all", "base", "new")
 
@@ -143,14 +143,9 @@ class Method(nn.Module):
     def load_learnable_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
         """Load learned tensors, strictly: every key present, every shape right."""
         own = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(p.shape)}" for k, p in own.items()
-                 if k in state and state[k].shape != p.shape]
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"{source} does not fit method {self.name!r} on this backbone: "
-                f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}"
-            )
+        mismatch = state_mismatch(own, state)
+        if mismatch:
+            raise CheckpointError(f"{source} does not fit method {self.name!r} on this backbone: {mismatch}")
         with torch.no_grad():
             for k, p in own.items():
                 p.copy_(state[k].to(p.dtype))
