@@ -33,7 +33,7 @@ def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", m
                                "`python -m alignednorm.mini.pretrain` to rebuild it")
     start = time.time()
     echo(f"generating the mini world under {Path(data_root) / 'mini'} (skipped when present) ...")
-    generate_world(data_root)
+    generate_world(data_root, names=list(datasets) if datasets else None)
     echo(f"world ready in {time.time() - start:.0f} s")
     failed: dict[str, str] = {}
     for method in methods:
