@@ -46,5 +46,5 @@ def test_mmrl_v1_names_and_bad_files(tmp_path):
         import_official(method, tmp_path / "other.pth")
     del official["image_encoder.proj_rep"]
     torch.save({"state_dict": official}, tmp_path / "partial.pth")
-    with pytest.raises(CheckpointError, match=r"missing \['proj_rep'\]"):
+    with pytest.raises(CheckpointError, match=r"missing keys \['proj_rep'\]"):
         import_official(method, tmp_path / "partial.pth")

@@ -85,8 +85,9 @@ def test_sigkill_then_resume_gives_uninterrupted_result(json_dataset, clip_file,
     # The TensorBoard curve of the resumed run is the uninterrupted one: steps the killed attempt logged
     # past its checkpoint are purged, none appear twice.
     ref_dir = tmp_path / "ref" / "base2new" / "oxford_pets" / "alignednorm" / "seed1"
-    resumed_loss = tensorboard_scalars(run_dir / "tensorboard")["train/loss"]
-    reference_loss = tensorboard_scalars(ref_dir / "tensorboard")["train/loss"]
+    # (events of the two attempts sit in two files, read in no guaranteed order)
+    resumed_loss = sorted(tensorboard_scalars(run_dir / "tensorboard")["train/loss"])
+    reference_loss = sorted(tensorboard_scalars(ref_dir / "tensorboard")["train/loss"])
     assert [s for s, _ in resumed_loss] == [s for s, _ in reference_loss]
     assert [v for _, v in resumed_loss] == pytest.approx([v for _, v in reference_loss], abs=1e-6)
 
