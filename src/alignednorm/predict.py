@@ -19,7 +19,7 @@ from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.config import build
 from alignednorm.engine.io import load_tensors
-from alignednorm.engine.run import file_sha256, remember_training_classes
+from alignednorm.engine.run import file_sha256
 from alignednorm.errors import CheckpointError, DataError
 from alignednorm.methods import Method, create_method
 
@@ -109,5 +109,5 @@ def load(run_dir: str | Path, clip: str | Path | None = None, device: str | torc
     if method.learnable_parameters():
         method.load_learnable_state_dict(load_tensors(run_dir / "learnable.safetensors"),
                                          source=str(run_dir / "learnable.safetensors"))
-        remember_training_classes(method, run_dir)
+        method.set_trained_classnames(info["classnames"], run_dir)
     return Predictor(method.to(device), info)

@@ -163,7 +163,7 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None) -> dic
     train_split = load_split(spec, spec.dataset, spec.train_subset, train_cfg.seed)
     method.set_classnames(train_split.classnames, template)
     if method.learnable_parameters():
-        method.trained_classnames, method.trained_source = train_split.classnames, f"the prompt trained in {run_dir}"
+        method.set_trained_classnames(train_split.classnames, run_dir)
     main = distributed.is_main()
     if main:
         write_text(run_dir / "config.yaml", to_yaml(spec.config))
@@ -225,7 +225,7 @@ def remember_training_classes(method: Method, run_dir: str | Path) -> None:
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         raise AlignedNormError(f"{info_path}: cannot read the training class names ({exc!r}); "
                                "expected the run.json written by training") from exc
-    method.trained_classnames, method.trained_source = classnames, f"the prompt trained in {run_dir}"
+    method.set_trained_classnames(classnames, run_dir)
 
 
 def _run_info(spec: RunSpec, split: D.DatasetSplits, backbone: ClipBackbone) -> dict:

@@ -91,6 +91,10 @@ class Method(nn.Module):
         """The class prompts, with ``_`` in class names read as spaces (as CoOp does)."""
         return [self.template.format(c.replace("_", " ")) for c in self.classnames]
 
+    def set_trained_classnames(self, classnames: list[str], run_dir) -> None:
+        """Record the classes the learned prompt (saved in ``run_dir``) was trained on."""
+        self.trained_classnames, self.trained_source = list(classnames), f"the prompt trained in {run_dir}"
+
     def check_classnames(self, classnames: list[str], rule: str) -> None:
         """Refuse class names the learned prompt cannot serve under inference ``rule``.
 
