@@ -127,15 +127,19 @@ def base_to_new_table(recs: list[Record], label: str, shots: int, datasets: list
     return table, averages, len(complete)
 
 
+def _per_dataset_rows(records: list[Record], suite: str | None, paper: dict | None) -> tuple[list[str], dict | None]:
+    """The dataset rows of a per-dataset table (in the suite's order) and the suite's published numbers."""
+    seen = {r.target for r in records}
+    chosen = pick_suite(records, suite, lambda s: seen <= set(s.base2new))
+    return _order(seen, tuple(chosen.base2new) if chosen else ()), _published_for(paper, chosen)
+
+
 def base_to_new_tables(records: list[Record], suite: str | None = None, paper: dict | None = None) -> list[Table]:
     """One Table 1 per method variant and shots, plus a summary of their averages (ablations)."""
     b2n = [r for r in records if r.protocol == "base2new"]
     if not b2n:
         return []
-    seen = {r.target for r in b2n}
-    chosen = pick_suite(b2n, suite, lambda s: seen <= set(s.base2new))
-    datasets = _order(seen, tuple(chosen.base2new) if chosen else ())
-    paper = _published_for(paper, chosen)
+    datasets, paper = _per_dataset_rows(b2n, suite, paper)
     tables, summary = [], []
     for (label, shots), recs in sorted(_by(b2n, "label", "shots").items()):
         table, averages, present = base_to_new_table(recs, label, shots, datasets, paper)
@@ -165,10 +169,7 @@ def few_shot_tables(records: list[Record], suite: str | None = None, paper: dict
     fs = [r for r in records if r.protocol == "fewshot"]
     if not fs:
         return []
-    seen = {r.target for r in fs}
-    chosen = pick_suite(fs, suite, lambda s: seen <= set(s.base2new))
-    datasets = _order(seen, tuple(chosen.base2new) if chosen else ())
-    paper = _published_for(paper, chosen)
+    datasets, paper = _per_dataset_rows(fs, suite, paper)
     ks = sorted(set(FEW_SHOT_K) | {r.shots for r in fs})
     tables = []
     for (label,), recs in sorted(_by(fs, "label").items()):
