@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
@@ -15,10 +16,66 @@ from .items import Item
 logger = logging.getLogger(__name__)
 
 
+# Modes whose samples are wider than 8 bits: Pillow's own convert("RGB") clips them at 255, so a
+# 16-bit PNG would read as all white and a 0..1 float image as black.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB with its values scaled to 0..255.
+
+    The rules, by mode:
+
+    * ``I;16`` (and ``I;16B/L/N``): 16-bit samples, 0..65535 scaled to 0..255.
+    * ``I`` (32-bit int, e.g. a 16-bit PGM): no declared depth, so the smallest standard one that
+      holds every sample is used: 0..255 as they are, 0..65535 scaled like ``I;16``.
+    * ``F`` (float): 0..1 scaled by 255 (the float image convention), else 0..255 as they are.
+    * ``I``/``F`` samples outside those ranges (negative, above 65535 / 255, NaN) raise
+      :class:`DataError`: any stretch would be a guess that changes what the model sees.
+    * Alpha (``RGBA``, ``LA``, ``PA``, palette or colour-key transparency): composited over
+      white, as a viewer shows it; the colour stored under a transparent pixel is arbitrary.
+    * Everything else (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ...): Pillow's
+      conversion. Embedded ICC profiles are not applied, as in the reference pipeline.
+
+    Raises:
+        DataError: naming ``name``, for ``I``/``F`` samples outside the ranges above.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        image = _scaled_to_8bit(image, name)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _scaled_to_8bit(image: Image.Image, name: str) -> Image.Image:
+    """A grey ``L`` image from a 16-bit, 32-bit int or float one, by the rules of :func:`to_rgb`."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        scale = 255 / 65535
+    else:
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise DataError(f"{name}: {image.mode} image with NaN or infinite samples; expected finite values")
+        # (largest sample, scale) of each accepted range, narrowest first.
+        ranges = ((1.0, 255.0), (255.0, 1.0)) if image.mode == "F" else ((255.0, 1.0), (65535.0, 255 / 65535))
+        scale = next((factor for top, factor in ranges if high <= top), None)
+        if low < 0 or scale is None:
+            expected = "0..1 or 0..255" if image.mode == "F" else "0..255 (8-bit) or 0..65535 (16-bit)"
+            raise DataError(f"{name}: {image.mode} image with samples from {low:g} to {high:g}; expected "
+                            f"{expected}; convert it to an 8- or 16-bit image")
+    return Image.fromarray(np.rint(values * scale).clip(0, 255).astype(np.uint8))
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open an image and decode it fully as RGB, so a truncated file fails here and not later."""
+    """Open an image and decode it fully as 8-bit RGB (see :func:`to_rgb` for each mode).
+
+    Decoding happens here, so a truncated file fails here and not later.
+    """
     with Image.open(path) as image:
-        return image.convert("RGB")
+        return to_rgb(image, str(path))
 
 
 class ImageListDataset(Dataset):
@@ -48,9 +105,11 @@ class ImageListDataset(Dataset):
         item = self.items[index]
         try:
             image = load_rgb(item.impath)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError, DataError) as exc:
             if not self.skip_corrupt:
-                raise DataError(f"cannot read image {item.impath} ({exc}); expected a readable image file, "
+                # to_rgb's own errors already name the file and what was expected.
+                problem = str(exc) if isinstance(exc, DataError) else f"cannot read image {item.impath} ({exc})"
+                raise DataError(f"{problem}; expected a readable image file, "
                                 "or pass --skip-corrupt to skip unreadable images and count them") from None
             logger.warning("skipping unreadable image %s (%s)", item.impath, exc)
             self.skipped.add(item.impath)
