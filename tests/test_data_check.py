@@ -46,3 +46,27 @@ def test_whole_catalog_and_bad_root(data_root, tmp_path):
         check_data_root(tmp_path / "nowhere")
     with pytest.raises(DataError, match="unknown dataset 'nope'"):
         check_data_root(data_root, ["nope"])
+
+
+def test_cli_exit_status_gates_a_script(json_dataset, monkeypatch):
+    from typer.testing import CliRunner
+
+    from alignednorm.cli import app
+    from alignednorm.data import catalog
+
+    # The fixture's pets have 5 classes; a catalog entry saying so makes them "ok".
+    spec = dataclasses.replace(json_dataset.spec, name="pets_five", dassl_name="PetsFive")
+    monkeypatch.setitem(catalog._REGISTRY, spec.name, spec)
+    runner = CliRunner()
+
+    def check(*names):
+        result = runner.invoke(app, ["datasets", "check", str(json_dataset.root),
+                                     *[arg for name in names for arg in ("--dataset", name)]])
+        return result.exit_code, result.output
+
+    code, out = check("pets_five")
+    assert code == 0 and out.splitlines()[1].split()[:2] == ["pets_five", "ok"]
+    code, out = check("pets_five", "dtd")  # dtd: no folder
+    assert code == 1 and "dtd (missing)" in out and "pets_five" in out
+    code, out = check("oxford_pets")  # 5 classes where the catalog expects 37
+    assert code == 1 and "oxford_pets (broken): found 5 classes" in out

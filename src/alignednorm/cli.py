@@ -62,12 +62,17 @@ def list_datasets_cmd(suite: Annotated[str | None, typer.Option(help="only this 
 @datasets_app.command("check")
 def datasets_check(data_root: Annotated[Path, typer.Argument(help="the CoOp-layout data folder")],
                    names: Annotated[list[str] | None, typer.Option("--dataset")] = None) -> None:
-    """Report, per dataset, found / missing / broken and what the layout should be."""
+    """Report, per dataset, found / missing / broken and what the layout should be.
+
+    Exits with status 1 when any checked dataset is missing or broken, 0 when all are ok.
+    """
     from alignednorm.data import check_data_root, format_check
 
     _register_extras()
     results = check_data_root(str(data_root), names or None)
     typer.echo(format_check(results))
+    if any(result.status != "ok" for result in results):
+        raise typer.Exit(1)  # so the check can gate a script
 
 
 def _register_extras() -> None:
