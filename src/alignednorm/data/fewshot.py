@@ -11,14 +11,15 @@ state. Run ``python -m alignednorm.data.fewshot SPLIT_JSON --shots K --seed S`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import random
+import secrets
 import sys
-import tempfile
 from collections.abc import Sequence
 
 from alignednorm.errors import DataError
@@ -151,10 +152,18 @@ def _write_cache(path: str, result: DatasetSplits, full: DatasetSplits, num_shot
     payload["val"] = None if full.val_is_test else [[_relpath(full, it.impath), it.label, it.classname]
                                                     for it in result.val]
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    # Named like engine.io's temp files (so its cleaner finds leftovers) and created with mode
+    # 0666 less the umask, not mkstemp's 0600; engine.io itself would import torch here.
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _read_cache(path: str, full: DatasetSplits, num_shots: int, seed: int) -> DatasetSplits | None:
