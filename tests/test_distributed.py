@@ -1,7 +1,11 @@
 """Two processes (gloo, CPU) train to the same prompt as one process with the same global batch."""
 
+import contextlib
+import os
+import random
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,19 +20,49 @@ from alignednorm.methods import create_method
 CONFIG = TrainConfig(epochs=2, batch_size=4, warmup_epochs=0, lr=1e-2)
 
 
+@contextlib.contextmanager
+def _globals_kept(threads: int | None = 1):
+    """Run with ``threads`` threads (None: as they are), then give back the caller's thread count
+    and every seeded RNG's state.
+
+    Trainer.fit seeds torch, numpy and Python's random; tests after this one must not see that.
+    """
+    before, py_state, np_state = torch.get_num_threads(), random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            yield
+        finally:
+            torch.set_num_threads(before)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+@pytest.fixture(autouse=True)
+def _globals_restored():
+    """Whatever a test here changes (threads, RNGs, environment, cwd), the next test finds as before."""
+    env, cwd = dict(os.environ), os.getcwd()
+    with _globals_kept(threads=None):
+        yield
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+
+
 def _train() -> dict:
-    torch.set_num_threads(1)
-    backbone = ClipBackbone(make_tiny_clip(seed=2, layers=3))
-    torch.manual_seed(0)
-    method = create_method("mmrlpp", backbone, {"rep_layers": [2, 3], "rep_dim": 16, "n_rep_tokens": 2})
-    method.set_classnames(["a", "b", "c"])
-    gen = torch.Generator().manual_seed(5)
-    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32, generator=gen), torch.arange(8) % 3)
-    trainer = Trainer(method, CONFIG, progress=False)
-    # SGD: the step is proportional to the averaged gradient (Adam's first step is ~sign(g), too sensitive).
-    trainer.optimizer = torch.optim.SGD(method.learnable_parameters(), lr=CONFIG.lr)
-    trainer.fit(data)
-    return method.learnable_state_dict()
+    with _globals_kept():
+        backbone = ClipBackbone(make_tiny_clip(seed=2, layers=3))
+        torch.manual_seed(0)
+        method = create_method("mmrlpp", backbone, {"rep_layers": [2, 3], "rep_dim": 16, "n_rep_tokens": 2})
+        method.set_classnames(["a", "b", "c"])
+        gen = torch.Generator().manual_seed(5)
+        data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32, generator=gen), torch.arange(8) % 3)
+        trainer = Trainer(method, CONFIG, progress=False)
+        # SGD: the step is proportional to the averaged gradient (Adam's first step is ~sign(g), too sensitive).
+        trainer.optimizer = torch.optim.SGD(method.learnable_parameters(), lr=CONFIG.lr)
+        trainer.fit(data)
+        return method.learnable_state_dict()
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -59,9 +93,21 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def _untrained() -> dict:
-    backbone = ClipBackbone(make_tiny_clip(seed=2, layers=3))
-    torch.manual_seed(0)
-    return create_method("mmrlpp", backbone, {"rep_layers": [2, 3], "rep_dim": 16, "n_rep_tokens": 2}).learnable_state_dict()
+    with _globals_kept():
+        backbone = ClipBackbone(make_tiny_clip(seed=2, layers=3))
+        torch.manual_seed(0)
+        method = create_method("mmrlpp", backbone, {"rep_layers": [2, 3], "rep_dim": 16, "n_rep_tokens": 2})
+        return method.learnable_state_dict()
+
+
+def test_helpers_leave_globals_as_found():
+    torch.set_num_threads(2)
+    states = torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    _train()
+    _untrained()
+    assert torch.get_num_threads() == 2
+    assert torch.equal(torch.random.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert (np.random.get_state()[1] == states[2]).all()
 
 
 def test_sharded_batches_split_each_global_batch():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -78,15 +77,11 @@ def _check_split_file(root, dataset):
     return split
 
 
-def test_generate_layout_timing_and_idempotence(tmp_path):
+def test_generate_layout_and_idempotence(tmp_path):
+    # No timing here: a test must not depend on the machine's speed or load.
     names = ["mini_counts", "mini_objects_sketch"]
-    start = time.process_time()  # CPU time: robust to other processes sharing the machine
     base = generate_world(tmp_path, names=names)
-    seconds = time.process_time() - start
     assert base == tmp_path / "mini"
-    written = sum(len(get_mini(n).classes) * sum(get_mini(n).counts) for n in names)
-    total = sum(len(d.classes) * sum(d.counts) for d in MINI_DATASETS)
-    assert seconds / written * total < 60, f"whole world would take {seconds / written * total:.0f} s"
     splits = {name: _check_split_file(tmp_path, get_mini(name)) for name in names}
     assert all(is_complete(tmp_path, get_mini(name)) for name in names)
     sketch = get_mini("mini_objects_sketch")
