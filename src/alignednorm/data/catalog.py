@@ -2,12 +2,14 @@
 
 Each entry says where a dataset lives under ``DATA_ROOT`` in the CoOp/Dassl layout, how its
 split is read, and which prompt template the reference methods use for it. Extra datasets
-(the built-in mini benchmark, a user's own) register through :func:`register_dataset`.
+(the built-in mini benchmark, a user's own) register through :func:`register_dataset`; the
+mini benchmark's are found on the first lookup, without importing ``alignednorm.mini`` first.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass, field
 
 
@@ -43,6 +45,24 @@ class DatasetSpec:
 
 _REGISTRY: dict[str, DatasetSpec] = {}
 
+# Packages whose import registers more datasets and suites. They are imported on the first lookup
+# that needs them, not here: they import this module, so importing them here would be a cycle.
+_PROVIDERS = ("alignednorm.mini",)
+_providers_loaded = False
+
+
+def _load_providers() -> None:
+    global _providers_loaded
+    if _providers_loaded:
+        return
+    _providers_loaded = True  # first, so a provider that looks names up while importing does not recurse
+    for module in _PROVIDERS:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a provider that is there but broken must not pass silently
+                raise
+
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     """Add ``spec`` to the catalog; a name may be registered once."""
@@ -55,9 +75,12 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
 def get_dataset(name: str) -> DatasetSpec:
     """Look a dataset up by name (case-insensitive, Dassl class names accepted too)."""
     key = name.lower()
-    for spec in _REGISTRY.values():
-        if key in (spec.name, spec.dassl_name.lower()):
-            return spec
+    for load in (False, True):  # the built-in table first, so paper runs never import the providers
+        if load:
+            _load_providers()
+        for spec in _REGISTRY.values():
+            if key in (spec.name, spec.dassl_name.lower()):
+                return spec
     close = difflib.get_close_matches(key, list(_REGISTRY), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise KeyError(f"unknown dataset {name!r}{hint} (known: {', '.join(sorted(_REGISTRY))})")
@@ -65,6 +88,7 @@ def get_dataset(name: str) -> DatasetSpec:
 
 def list_datasets(suite: str | None = None) -> list[str]:
     """Names of the registered datasets, optionally only those of one suite, in table order."""
+    _load_providers()
     return [s.name for s in _REGISTRY.values() if suite is None or suite in s.suites]
 
 
@@ -134,11 +158,14 @@ def register_suite(suite: Suite) -> Suite:
 
 def get_suite(name: str) -> Suite:
     if name not in _SUITES:
+        _load_providers()
+    if name not in _SUITES:
         raise KeyError(f"unknown suite {name!r} (known: {', '.join(sorted(_SUITES))})")
     return _SUITES[name]
 
 
 def list_suites() -> list[str]:
+    _load_providers()
     return sorted(_SUITES)
 
 
