@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +35,7 @@ def test_antipodal_points():
     f = torch.cat([v, -v])  # ||f_i - f_j||^2 = 4 after normalisation
     assert uniformity(f) == pytest.approx(-4 * DEFAULT_T)
     assert uniformity(f, t=2.0) == pytest.approx(-8.0)
+    assert uniformity(f, t=np.float32(2.0)) == pytest.approx(-8.0)  # numpy scalars are numbers too
     assert tolerance(f, torch.tensor([3, 3])) == pytest.approx(-1.0)
 
 
@@ -85,6 +87,7 @@ def test_embedding_geometry_record():
 @pytest.mark.parametrize(("call", "error", "match"), [
     (lambda: uniformity(torch.ones(1, 3)), DataError, "at least 2"),
     (lambda: uniformity(torch.ones(3, 3), t=0.0), ConfigError, "t=0.0"),
+    (lambda: uniformity(torch.ones(3, 3), t=True), ConfigError, "t=True"),
     (lambda: uniformity(torch.ones(3, 3), block_size=0), ConfigError, "block_size=0"),
     (lambda: uniformity(torch.tensor([[1.0, 0.0], [0.0, 0.0]])), DataError, "row 1 has norm 0"),
     (lambda: tolerance(torch.eye(3), torch.tensor([0, 1, 2])), DataError, "at least 2 embeddings"),

@@ -8,6 +8,7 @@ value and what was expected.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from numbers import Real
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ def as_labels(y, name: str, n: int) -> Tensor:
 
 def positive(value: float, name: str) -> float:
     """``value`` if it is a finite number > 0."""
-    if not (isinstance(value, int | float) and np.isfinite(value) and value > 0):
+    if not (isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value) and value > 0):
         raise ConfigError(f"{name}={value!r}; expected a finite number > 0")
     return float(value)
 
