@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alignednorm.backbone.clip import ClipBackbone
-from alignednorm.backbone.hooks import LayerPrompt, Trace
+from alignednorm.backbone.hooks import LayerPrompt, Prefix, Trace
 from alignednorm.backbone.tiny import make_tiny_clip
 
 
@@ -68,16 +68,62 @@ def test_text_insertion_moves_eot_and_keeps_causality(tiny_backbone):
     assert not torch.allclose(out.features, plain.features)
 
 
-def test_start_from_cached_hidden_states(tiny_backbone):
+def test_start_from_cached_prefix(tiny_backbone):
     images, tokens = _inputs(tiny_backbone)
     trace = Trace()
     full = tiny_backbone.encode_image(images, trace=trace)
-    resumed = tiny_backbone.encode_image(hidden=trace.hidden[1], start_layer=2)
+    resumed = tiny_backbone.encode_image(prefix=Prefix(2, trace.hidden[1]))
     assert torch.allclose(full.features, resumed.features, atol=1e-6)
+    assert torch.equal(tiny_backbone.image_prefix(images, 2).states, trace.hidden[1])
     ttrace = Trace()
     full_t = tiny_backbone.encode_text(tokens, trace=ttrace)
-    resumed_t = tiny_backbone.encode_text(tokens, embeddings=ttrace.hidden[2], start_layer=3)
+    resumed_t = tiny_backbone.encode_text(tokens, prefix=tiny_backbone.text_prefix(tokens, 3))
     assert torch.allclose(full_t.features, resumed_t.features, atol=1e-6)
+    # Pooling is a public step: the features are the pooled final tokens.
+    assert torch.equal(tiny_backbone.pool_image(full.tokens), full.features)
+    assert torch.equal(tiny_backbone.pool_text(full_t.tokens, tokens), full_t.features)
+
+
+def test_trace_records_prompt_positions_in_every_mode_and_selected_layers(tiny_backbone):
+    images, _ = _inputs(tiny_backbone)
+    inserted, appended = torch.randn(2, 64), torch.randn(3, 64)
+
+    def hook(layer):  # insert 2 after the class token, then MaPLe-style replace of 3 appended at the end
+        if layer == 1:
+            return LayerPrompt(inserted, "insert", 1)
+        if layer == 2:
+            return LayerPrompt(appended, "insert", -1)
+        return LayerPrompt(appended, "replace", -3)
+
+    trace = Trace(layers=(3,))
+    out = tiny_backbone.encode_image(images, hook=hook, trace=trace)
+    tokens = 1 + (tiny_backbone.image_size // 16) ** 2
+    assert trace.positions == {1: (1, 2), 2: (tokens + 2, 3), 3: (tokens + 2, 3)}
+    assert sorted(trace.hidden) == [3] and trace.hidden[3].shape[1] == tokens + 5
+    assert (out.prompt_start, out.prompt_count) == (tokens + 2, 3)
+
+
+def test_resnet_tower_runs_text_side_methods_and_refuses_vision_prompts():
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    from alignednorm.errors import ConfigError
+    from alignednorm.methods import create_method
+
+    torch.manual_seed(0)
+    model = CLIP(32, CLIPVisionCfg(layers=(1, 1, 1, 1), width=16, image_size=64, head_width=16),
+                 CLIPTextCfg(context_length=77, width=64, heads=1, layers=2), quick_gelu=True).eval()
+    backbone = ClipBackbone(model)
+    images = torch.randn(2, 3, 64, 64)
+    assert not backbone.is_vit and backbone.image_size == 64
+    with torch.no_grad():
+        assert torch.allclose(backbone.encode_image(images).features, model.encode_image(images), atol=1e-6)
+        zeroshot = create_method("zeroshot", backbone)
+        zeroshot.set_classnames(["cat", "dog", "bird"])
+        assert zeroshot.predict(images).shape == (2, 3)
+    with pytest.raises(ConfigError, match="method 'mmrlpp' puts prompts into the image tower.*ResNet"):
+        create_method("mmrlpp", backbone)
+    with pytest.raises(ConfigError, match="needs a ViT"):
+        backbone.encode_image(images, hook=lambda layer: None)
 
 
 def test_trace_records_hidden_and_attention(tiny_backbone):

@@ -80,3 +80,15 @@ def test_suite_file_holds_only_train_and_data(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "suite_preset_path", lambda suite: bad)
     with pytest.raises(ConfigError, match=r"mini.yaml: unexpected top-level keys \['method'\]"):
         resolve_config("mmrlpp", "base2new", "mini_counts")
+
+
+def test_reloaded_run_config_is_merged_over_the_schema_and_strict(tmp_path):
+    from alignednorm.config import load_run_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("method: {prc_beta: 0.5}\ntrain: {epochs: 3}\n")
+    cfg = load_run_config("mmrlpp", path)
+    assert cfg.method.prc_beta == 0.5 and cfg.train.epochs == 3 and cfg.method.reg_weight == 1.0  # defaults fill in
+    path.write_text("method: {prc_betta: 0.5}\n")  # a renamed field must not come back as its default
+    with pytest.raises(ConfigError, match=r"config.yaml: unknown config key 'method.prc_betta'"):
+        load_run_config("mmrlpp", path)

@@ -14,7 +14,7 @@ from alignednorm.data.catalog import DatasetSpec, Suite, register_dataset, regis
 from alignednorm.errors import ConfigError
 from alignednorm.protocols import expand, list_protocols
 from alignednorm.protocols.cli import report_cmd, run_app
-from alignednorm.protocols.runner import SweepRequest, prc_beta_override, target_betas, variant_name
+from alignednorm.protocols.runner import SweepRequest, target_overrides, variant_name
 
 PAPER_11 = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
             "sun397", "dtd", "eurosat", "ucf101")
@@ -63,7 +63,7 @@ def test_base2new_paper_defaults():
     assert job.train_dir == "/out/base2new/imagenet/shots16/alignednorm/default/seed1"
     (step,) = job.evals
     assert step.target == "imagenet" and step.run_dir == job.train_dir + "/eval/imagenet"
-    assert [(e.name, e.classes, e.rule) for e in step.evaluations] == [("base", "base", "base"), ("new", "new", "new")]
+    assert [(e.name, e.classes, e.rule) for e in step.evaluations] == [("base", "base", "seen"), ("new", "new", "unseen")]
     # the per-dataset presets are resolved into each job, the seed included
     assert job.config["train"]["batch_size"] == 32 and job.config["train"]["epochs"] == 5
     sun = next(j for j in jobs if j.dataset == "sun397" and j.seed == 2)
@@ -77,7 +77,7 @@ def test_fewshot_paper_defaults():
     assert len(jobs) == 11 * 5 * 3
     assert sorted({j.shots for j in jobs}) == [1, 2, 4, 8, 16] and {j.train_subset for j in jobs} == {"all"}
     step = jobs[0].evals[0]
-    assert [(e.name, e.classes, e.rule) for e in step.evaluations] == [("all", "all", "base")]
+    assert [(e.name, e.classes, e.rule) for e in step.evaluations] == [("all", "all", "seen")]
     assert "/fewshot/imagenet/shots1/mmrlpp/default/seed1" in jobs[0].train_dir
     caltech = next(j for j in jobs if j.dataset == "caltech101")
     assert caltech.config["train"]["epochs"] == 100 and caltech.config["train"]["lr"] == 2e-3
@@ -91,10 +91,10 @@ def test_crossdataset_trains_once_per_seed_and_evaluates_every_target():
     assert job.config["train"]["epochs"] == 1 and job.config["train"]["warmup_epochs"] == 0
     assert job.config["method"]["prc_beta"] == 0.9 and job.config["method"]["reg_weight"] == 0.1
     source, *targets = job.evals
-    assert source.target == "imagenet" and [(e.classes, e.rule) for e in source.evaluations] == [("all", "base")]
+    assert source.target == "imagenet" and [(e.classes, e.rule) for e in source.evaluations] == [("all", "seen")]
     assert tuple(t.target for t in targets) == PAPER_11[1:]
-    assert {(e.classes, e.rule) for t in targets for e in t.evaluations} == {("all", "all")}
-    betas = {t.target: t.prc_beta for t in job.evals}
+    assert {(e.classes, e.rule) for t in targets for e in t.evaluations} == {("all", "unseen")}
+    betas = {t.target: t.method_overrides.get("prc_beta") for t in job.evals}
     assert betas["imagenet"] is None and betas["caltech101"] == 0.6 and betas["eurosat"] == 0.3
     assert all(Path(s.run_dir).parent == Path(job.train_dir) / "eval" for s in job.evals)
 
@@ -104,9 +104,9 @@ def test_domaingen_reuses_the_crossdataset_training_run():
     assert [j.train_dir for j in dg] == [j.train_dir for j in cd]
     assert dg[0].config == cd[0].config
     assert [s.target for s in dg[0].evals] == ["imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
-    assert {s.target: s.prc_beta for s in dg[0].evals}["imagenet_a"] == 0.8
+    assert {s.target: s.method_overrides for s in dg[0].evals}["imagenet_a"] == {"prc_beta": 0.8}
     # AlignedNorm keeps MMRL++'s settings, its per-target test-time table included.
-    assert target_betas("alignednorm", "domaingen") == target_betas("mmrlpp", "domaingen")
+    assert target_overrides("alignednorm", "domaingen") == target_overrides("mmrlpp", "domaingen")
 
 
 def test_request_options():
@@ -136,22 +136,22 @@ def test_variant_names(tmp_path):
     assert job.variant == "proj-only" and "/alignednorm/proj-only/seed1" in job.train_dir
 
 
-def test_prc_beta_override_changes_the_forward_and_is_restored(tiny_backbone):
+def test_test_time_overrides_change_the_forward_and_are_restored(tiny_backbone):
     import torch
 
     from alignednorm.methods import create_method
 
-    method = create_method("mmrlpp", tiny_backbone, {"rep_layers": [2, 3]})
+    method = create_method("mmrlpp", tiny_backbone, {"rep_layers": [2, 3]}).eval()
     method.set_classnames(["cat", "dog"])
     with torch.no_grad():
         method.rep_tokens.normal_()
     images = torch.randn(2, 3, 32, 32)
-    before = method.predict(images, "all")
-    with prc_beta_override(method, 0.1):
+    before = method.predict(images, "any")
+    with method.overridden({"prc_beta": 0.1}):  # the cached text features are dropped, not reused
         assert method.prc_beta == 0.1
-        method.set_classnames(["cat", "dog"])  # as each evaluation does: drops cached text features
-        during = method.predict(images, "all")
+        during = method.predict(images, "any")
     assert method.prc_beta == 0.9 and not torch.allclose(before, during)
+    assert torch.equal(method.predict(images, "any"), before)
 
 
 # ----------------------------------------------------------------------------------- end to end
@@ -187,15 +187,15 @@ def test_base2new_and_crossdataset_sweeps_end_to_end(tmp_path, clip_file):
     metrics = json.loads((run / "eval" / "proto_a" / "metrics.json").read_text())
     assert (metrics["protocol"], metrics["variant"], metrics["seed"], metrics["suite"]) == ("base2new", "tiny", 2,
                                                                                         "protest")
-    assert metrics["eval"]["base"]["num_classes"] == 2 and metrics["eval"]["new"]["rule"] == "new"
+    assert metrics["eval"]["base"]["num_classes"] == 2 and metrics["eval"]["new"]["rule"] == "unseen"
     assert metrics["eval"]["base"]["num_samples"] == 4
 
     invoke("run", "crossdataset", *common, "--seeds", "1")
     cd_run = out / "crossdataset" / "proto_a" / "shots2" / "alignednorm" / "tiny" / "seed1"
     source = json.loads((cd_run / "eval" / "proto_a" / "metrics.json").read_text())
     target = json.loads((cd_run / "eval" / "proto_b" / "metrics.json").read_text())
-    assert (source["eval"]["all"]["rule"], source["eval"]["all"]["num_classes"]) == ("base", 4)
-    assert (target["eval"]["all"]["rule"], target["eval"]["all"]["num_samples"]) == ("all", 8)
+    assert (source["eval"]["all"]["rule"], source["eval"]["all"]["num_classes"]) == ("seen", 4)
+    assert (target["eval"]["all"]["rule"], target["eval"]["all"]["num_samples"]) == ("unseen", 8)
 
     # Domain generalisation evaluates the same prompt: no second training run.
     stamp = (cd_run / "learnable.safetensors").stat().st_mtime_ns

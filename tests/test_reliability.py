@@ -39,8 +39,17 @@ def _train_args(json_dataset, clip_file, out, epochs, *extra):
             *extra]
 
 
+def _run_dir(out):
+    (run_dir,) = (out / "base2new" / "oxford_pets" / "shots4" / "alignednorm").glob("*/seed1")
+    return run_dir
+
+
 def _metrics(out):
-    return json.loads((out / "base2new" / "oxford_pets" / "alignednorm" / "seed1" / "metrics.json").read_text())
+    """The training run's metrics with its evaluation's accuracies under ``eval``."""
+    run_dir = _run_dir(out)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["eval"] = json.loads((run_dir / "eval" / "oxford_pets" / "metrics.json").read_text())["eval"]
+    return metrics
 
 
 def test_schedule_is_dassls_constant_warmup_then_cosine():
@@ -66,7 +75,8 @@ def test_sigkill_then_resume_gives_uninterrupted_result(json_dataset, clip_file,
                                    catch_exceptions=False)
     assert reference.exit_code == 0, reference.output
     out = tmp_path / "killed"
-    run_dir = out / "base2new" / "oxford_pets" / "alignednorm" / "seed1"
+    run_dir = _run_dir(tmp_path / "ref").relative_to(tmp_path / "ref")
+    run_dir = out / run_dir
     cmd = [sys.executable, "-m", "alignednorm.cli", *_train_args(json_dataset, clip_file, out, epochs)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -75,16 +85,15 @@ def test_sigkill_then_resume_gives_uninterrupted_result(json_dataset, clip_file,
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (run_dir / "checkpoint.pt").exists() and not (run_dir / "metrics.json").exists()
-    # Without --resume the interrupted run is not silently restarted.
-    refused = CliRunner().invoke(app, _train_args(json_dataset, clip_file, out, epochs))
+    # With --no-resume the interrupted run is not silently restarted; by default it resumes.
+    refused = CliRunner().invoke(app, _train_args(json_dataset, clip_file, out, epochs, "--no-resume"))
     assert isinstance(refused.exception, AlignedNormError) and "pass --resume" in str(refused.exception)
-    resumed = CliRunner().invoke(app, _train_args(json_dataset, clip_file, out, epochs, "--resume"),
-                                 catch_exceptions=False)
+    resumed = CliRunner().invoke(app, _train_args(json_dataset, clip_file, out, epochs), catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output
     assert _metrics(out)["eval"] == _metrics(tmp_path / "ref")["eval"]
     # The TensorBoard curve of the resumed run is the uninterrupted one: steps the killed attempt logged
     # past its checkpoint are purged, none appear twice.
-    ref_dir = tmp_path / "ref" / "base2new" / "oxford_pets" / "alignednorm" / "seed1"
+    ref_dir = _run_dir(tmp_path / "ref")
     # (events of the two attempts sit in two files, read in no guaranteed order)
     resumed_loss = sorted(tensorboard_scalars(run_dir / "tensorboard")["train/loss"])
     reference_loss = sorted(tensorboard_scalars(ref_dir / "tensorboard")["train/loss"])
@@ -136,7 +145,7 @@ def test_unwritable_output_folder(tmp_path):
 def test_predict_api_and_cli(json_dataset, clip_file, tmp_path):
     runner = CliRunner()
     assert runner.invoke(app, _train_args(json_dataset, clip_file, tmp_path, 1), catch_exceptions=False).exit_code == 0
-    run_dir = tmp_path / "base2new" / "oxford_pets" / "alignednorm" / "seed1"
+    run_dir = _run_dir(tmp_path)
     predictor = alignednorm.load(run_dir)
     image = json_dataset.image_dir / json_dataset.split["test"][0][0]
     top = predictor.predict([image], classes=["cat", "dog", "bird"], topk=2)
@@ -153,19 +162,19 @@ def test_predict_api_and_cli(json_dataset, clip_file, tmp_path):
 def test_class_names_that_do_not_match_the_checkpoint(json_dataset, clip_file, tmp_path, monkeypatch):
     runner = CliRunner()
     assert runner.invoke(app, _train_args(json_dataset, clip_file, tmp_path, 1), catch_exceptions=False).exit_code == 0
-    run_dir = tmp_path / "base2new" / "oxford_pets" / "alignednorm" / "seed1"
+    run_dir = _run_dir(tmp_path)
     method = alignednorm.load(run_dir).method
     trained = json.loads((run_dir / "run.json").read_text())["classnames"]
     assert method.trained_classnames == trained
-    # The 'base' rule serves only the trained classes (any order); other classes go through 'new'/'all'.
-    method.check_classnames(trained[::-1], "base")
-    method.check_classnames(["cat", "dog"], "new")
-    with pytest.raises(CheckpointError, match=r"class names do not match the prompt trained in .*'base' rule.*"
+    # The 'seen' rule serves only the trained classes (any order); other classes go through 'unseen'/'any'.
+    method.check_classnames(trained[::-1], "seen")
+    method.check_classnames(["cat", "dog"], "unseen")
+    with pytest.raises(CheckpointError, match=r"class names do not match the prompt trained in .*'seen' rule.*"
                                               r"2 given classes are not among them \['cat', 'dog'\]"):
-        method.check_classnames(["cat", "dog"], "base")
+        method.check_classnames(["cat", "dog"], "seen")
     splits = D.subsample_classes(D.load_splits("oxford_pets", json_dataset.root), "new")
     with pytest.raises(CheckpointError, match="class names do not match"):
-        evaluate_split(method, splits, "oxford_pets", "base", DataConfig())
+        evaluate_split(method, splits, "oxford_pets", "seen", DataConfig())
     # A prompt learned per class only fits its own class list, whatever the rule.
     monkeypatch.setattr(type(method), "class_specific", True)
     with pytest.raises(CheckpointError, match=r"learns one prompt per class and was trained on \d+ classes"):

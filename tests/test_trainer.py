@@ -114,3 +114,46 @@ def test_wandb_logging_on_request(backbone, tmp_path, monkeypatch):
     assert [c[1] for c in calls if c[0] == "log"] == [1, 2, 2]  # two steps, then epoch 1's means (steps never go back)
     assert "train/loss" in calls[1][2] and calls[-1] == ("finish",)
     assert not (tmp_path / "b" / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_optimizer_is_config_and_matches_torch(backbone, name):
+    """One step of each optimiser equals torch's own with the same settings (Dassl's names)."""
+    cfg = TrainConfig(epochs=1, batch_size=8, warmup_epochs=0, lr=0.05, optimizer=name, momentum=0.8,
+                      weight_decay=1e-3, adam_eps=1e-6)
+    method = _method(backbone)
+    trainer = Trainer(method, cfg, progress=False)
+    trainer._loader = lambda ds, epoch: torch.utils.data.DataLoader(ds, batch_size=8)
+    reference = _method(backbone)
+    torch_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    extra = {"momentum": 0.8} if name == "sgd" else {"eps": 1e-6}
+    optimizer = torch_cls(reference.learnable_parameters(), lr=0.05, weight_decay=1e-3, **extra)
+    assert type(trainer.optimizer) is torch_cls
+    trainer.fit(_data())
+    images, labels = _data()[:]
+    reference.train()
+    reference.training_step((images, labels))["loss"].backward()
+    optimizer.step()
+    ours, theirs = method.learnable_state_dict(), reference.learnable_state_dict()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+
+
+def test_precision_auto_and_step_state_hooks(backbone):
+    from alignednorm.engine.trainer import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("bf16", torch.device("cuda")) == "bf16"
+    method = _method(backbone)
+    seen = []
+    method.on_epoch_start = lambda state: seen.append(("start", state.epoch, state.max_epochs))
+    method.on_epoch_end = lambda state: seen.append(("end", state.epoch, state.max_epochs))
+    step = method.training_step
+    method.training_step = lambda batch, state: seen.append(("step", state.epoch, state.step)) or step(batch, state)
+    Trainer(method, TrainConfig(epochs=2, batch_size=4, warmup_epochs=0), progress=False).fit(_data())
+    assert seen == [("start", 0, 2), ("step", 0, 0), ("step", 0, 1), ("end", 0, 2),
+                    ("start", 1, 2), ("step", 1, 0), ("step", 1, 1), ("end", 1, 2)]
+    with pytest.raises(ConfigError, match="train.optimizer = 'lamb'"):
+        TrainConfig(optimizer="lamb")
+    with pytest.raises(ConfigError, match="train.lr = inf; expected a finite number"):
+        TrainConfig(lr=float("inf"))

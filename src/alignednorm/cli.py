@@ -83,42 +83,84 @@ def _register_extras() -> None:
         pass
 
 
-def _run(method: str, dataset: str, data_root: Path | None, clip: Path, clip_model: str | None, output: Path,
-         protocol: str, shots: int, seed: int, train_subset: str, evals, config: Path | None, sets, force: bool,
-         verbose: bool, resume: bool = False) -> dict:
-    from alignednorm.config import resolve_config
+def _one_job(method: str, dataset: str, data_root: Path | None, clip: Path, clip_model: str | None, output: Path,
+             protocol: str, shots: int, seed: int, train_subset: str, evaluations, config: Path | None, sets,
+             tag: str | None, force: bool, verbose: bool, resume: bool = True, step_suffix: str = "") -> dict:
+    """``train`` and ``eval`` are one-job cases of the protocol runner: same layout, files and reuse rule."""
     from alignednorm.data import resolve_data_root
-    from alignednorm.engine.run import RunSpec, execute
+    from alignednorm.protocols.runner import EvalStep, SweepRequest, canonical_datasets, run_job
 
     _setup_logging(verbose)
     _register_extras()
-    cfg = resolve_config(method, protocol, dataset, config, [f"train.seed={seed}", *(sets or [])])
-    spec = RunSpec(method=method, dataset=dataset, data_root=resolve_data_root(data_root), clip=str(clip),
-                   clip_model=clip_model, output=str(output), config=cfg, shots=shots, train_subset=train_subset,
-                   evals=evals)
-    metrics = execute(spec, force=force, resume=resume)
+    dataset = canonical_datasets([dataset])[0]
+    if not clip.is_file():
+        raise AlignedNormError(f"--clip {clip}: no such file; expected a CLIP checkpoint (OpenAI .pt, state dict, "
+                               "safetensors or open_clip)")
+    suites = _dataset_suites(dataset)
+    request = SweepRequest(method=method, data_root=resolve_data_root(data_root), clip=str(clip.resolve()),
+                           output=str(output.resolve()), suite=suites[0] if suites else "paper", datasets=(dataset,),
+                           seeds=(seed,), shots=(shots,), clip_model=clip_model,
+                           config_file=str(config.resolve()) if config else None, sets=tuple(sets or ()), tag=tag,
+                           progress=True)
+    run_dir = request.run_dir(protocol, dataset, shots, seed)
+    step = EvalStep(dataset, str(run_dir / "eval" / f"{dataset}{step_suffix}"), tuple(evaluations), protocol=protocol)
+    job = request.job(protocol, dataset, shots, seed, train_subset, [step])
+    job.resume = resume
+    metrics = run_job(job, force=force)[dataset]
     for name, result in metrics["eval"].items():
-        typer.echo(f"{method} {result['dataset']}/{result['subset']} ({name}): {result['accuracy']:.2f}% "
-                   f"on {result['num_samples']} images")
-    typer.echo(f"run folder: {output}")
+        typer.echo(f"{method} {dataset}/{result['classes']} ({name}, rule {result['rule']}): "
+                   f"{result['accuracy']:.2f}% on {result['num_samples']} images")
+    typer.echo(f"run folder: {run_dir}")
     return metrics
+
+
+def _dataset_suites(dataset: str) -> tuple[str, ...]:
+    from alignednorm.data import get_dataset
+
+    return tuple(get_dataset(dataset).suites)
+
+
+def _check_choice(value: str, choices, option: str) -> str:
+    if value not in choices:
+        import difflib
+
+        close = difflib.get_close_matches(value, list(choices), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise AlignedNormError(f"{option} {value!r} is not one of {', '.join(choices)}{hint}")
+    return value
+
+
+Tag = Annotated[str | None, typer.Option(help="name of this config variant (default: 'default', or a hash of "
+                                              "--set/--config)")]
 
 
 @app.command("eval")
 def eval_cmd(
-    method: Annotated[str, typer.Option(help="method name (see `alignednorm list methods`)")] = "zeroshot",
+    method: Annotated[str, typer.Option(help="a method that learns nothing (zeroshot)")] = "zeroshot",
     dataset: Annotated[str, typer.Option(help="dataset name")] = ...,
     data_root: DataRoot = None, clip: Clip = ..., clip_model: ClipModel = None,
     subset: Annotated[str, typer.Option(help="all, base or new classes")] = "all",
-    output: Annotated[Path, typer.Option(help="run folder")] = Path("runs/eval"),
+    output: Annotated[Path, typer.Option(help="runs folder")] = Path("runs"),
     config: Annotated[Path | None, typer.Option(help="YAML config to merge")] = None,
-    sets: Sets = None, force: bool = False, verbose: bool = False,
+    sets: Sets = None, tag: Tag = None, force: bool = False, verbose: bool = False,
     skip_corrupt: Annotated[bool, typer.Option(help="skip unreadable images and count them")] = False,
 ) -> None:
-    """Evaluate a method that learns nothing (zero-shot CLIP) on a dataset's test split."""
+    """Evaluate a method that learns nothing (zero-shot CLIP) on a dataset's test split.
+
+    Trained prompts are evaluated by `alignednorm train` and `alignednorm run <protocol>`.
+    """
+    from alignednorm.methods import get_method_class
+    from alignednorm.protocols.runner import Evaluation
+
+    if get_method_class(method).learns:
+        raise AlignedNormError(f"--method {method!r} learns a prompt; `eval` only evaluates methods that learn "
+                               "nothing (zeroshot). Train and evaluate it with `alignednorm train` or `alignednorm run`")
+    _check_choice(subset, ("all", "base", "new"), "--subset")
     sets = [*(sets or []), *(["data.skip_corrupt=true"] if skip_corrupt else [])]
-    _run(method, dataset, data_root, clip, clip_model, output / dataset / method, "base2new", 0, 1, subset,
-         [(subset, "", subset)], config, sets, force, verbose)
+    rule = {"all": "any", "base": "seen", "new": "unseen"}[subset]
+    _one_job(method, dataset, data_root, clip, clip_model, output, "eval", 0, 1, "all",
+             [Evaluation(subset, classes=subset, rule=rule)], config, sets, tag, force, verbose,
+             step_suffix=f"-{subset}")
 
 
 @app.command("train")
@@ -126,21 +168,34 @@ def train_cmd(
     method: Annotated[str, typer.Option(help="method name")] = ...,
     dataset: Annotated[str, typer.Option(help="dataset name")] = ...,
     data_root: DataRoot = None, clip: Clip = ..., clip_model: ClipModel = None,
-    protocol: Annotated[str, typer.Option(help="whose presets to use: base2new, fewshot, crossdataset")] = "base2new",
+    protocol: Annotated[str, typer.Option(help="whose presets to use: base2new, fewshot, crossdataset, domaingen")
+                        ] = "base2new",
     shots: int = 16, seed: int = 1,
     subset: Annotated[str, typer.Option(help="classes to train on: base or all")] = "base",
     output: Annotated[Path, typer.Option(help="runs folder")] = Path("runs"),
     config: Annotated[Path | None, typer.Option(help="YAML config to merge")] = None,
-    sets: Sets = None, force: bool = False, verbose: bool = False,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint")] = False,
+    sets: Sets = None, tag: Tag = None, force: bool = False, verbose: bool = False,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint")] = True,
     skip_corrupt: Annotated[bool, typer.Option(help="skip unreadable images and count them")] = False,
 ) -> None:
-    """Train a method on one dataset, then evaluate it (base and new classes after base training)."""
+    """Train a method on one dataset, then evaluate it (base and new classes after base training).
+
+    The run goes to OUTPUT/PROTOCOL/DATASET/shotsK/METHOD/VARIANT/seedS, as `alignednorm run` lays
+    runs out; a finished run is reused only with exactly the same settings.
+    """
+    from alignednorm.config import PROTOCOLS
+    from alignednorm.protocols.base_to_new import EVALUATIONS
+    from alignednorm.protocols.runner import Evaluation
+
+    _check_choice(protocol, PROTOCOLS, "--protocol")
+    _check_choice(subset, ("base", "all"), "--subset")
+    if shots < 0:
+        raise AlignedNormError(f"--shots {shots}: expected K >= 0 (0 = every training image)")
     sets = [*(sets or []), *(["data.skip_corrupt=true"] if skip_corrupt else [])]
-    evals = [("base", "", "base"), ("new", "", "new")] if subset == "base" else [("all", "", "all")]
-    run_dir = output / protocol / dataset / method / f"seed{seed}"
-    _run(method, dataset, data_root, clip, clip_model, run_dir, protocol, shots, seed, subset, evals, config, sets,
-         force, verbose, resume)
+    # Every test class was trained on after --subset all: the seen rule (MMRL++'s fused logits).
+    evaluations = EVALUATIONS if subset == "base" else (Evaluation("all", classes="all", rule="seen"),)
+    _one_job(method, dataset, data_root, clip, clip_model, output, protocol, shots, seed, subset, evaluations,
+             config, sets, tag, force, verbose, resume)
 
 
 @app.command("demo")
@@ -169,10 +224,10 @@ def predict_cmd(
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     classes: Annotated[str | None, typer.Option(help="comma-separated class names (default: the run's)")] = None,
     classes_file: Annotated[Path | None, typer.Option(help="a file with one class name per line")] = None,
-    topk: int = 5,
+    topk: Annotated[int, typer.Option(help="labels per image (more than the classes: all of them)")] = 5,
     clip: Annotated[Path | None, typer.Option(help="backbone file, if it moved since training")] = None,
 ) -> None:
-    """Top-k labels with probabilities for images, with the unified (fused) rule."""
+    """Top-k labels with probabilities for images (rule: seen for training classes, else unseen)."""
     from alignednorm.predict import image_paths, load
 
     names = None
@@ -180,8 +235,10 @@ def predict_cmd(
         if not classes_file.is_file():
             raise AlignedNormError(f"class-name file {classes_file} does not exist")
         names = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
-    elif classes:
+    elif classes is not None:
         names = [c.strip() for c in classes.split(",") if c.strip()]
+        if not names:
+            raise AlignedNormError(f"--classes {classes!r}: no class names; give comma-separated names or omit it")
     predictor = load(run_dir, clip=clip)
     paths = image_paths(images)
     for path, top in zip(paths, predictor.predict(paths, names, topk)):

@@ -24,6 +24,8 @@ from alignednorm.errors import ConfigError
 from alignednorm.methods import get_method_class
 
 PROTOCOLS = ("base2new", "crossdataset", "domaingen", "fewshot")
+# What a run may be resolved for: a protocol's presets, or a plain evaluation (no protocol section).
+RUN_KINDS = (*PROTOCOLS, "eval")
 
 
 @dataclass
@@ -142,6 +144,10 @@ def _dataset_suites(dataset: str | None) -> tuple[str, ...]:
 def resolve_config(method: str, protocol: str | None = None, dataset: str | None = None,
                    user_yaml: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """The merged config ``{method, train, data}`` for one run, validated."""
+    if protocol is not None and protocol not in RUN_KINDS:
+        close = difflib.get_close_matches(protocol, RUN_KINDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown protocol {protocol!r}{hint} (known: {', '.join(PROTOCOLS)})")
     cfg = _schema(method)
     for part, source in _preset_layers(method, protocol, dataset):
         cfg = _merge(cfg, part, source)
@@ -165,7 +171,23 @@ def build(method: str, cfg: DictConfig):
 
 def _instantiate(cls, values: dict):
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
+    unknown = sorted(set(values) - names)
+    if unknown:  # a config merged over the schema never has any; a hand-built dict may
+        raise ConfigError(f"unknown keys {unknown} for {cls.__qualname__} (valid: {', '.join(sorted(names))})")
+    return cls(**values)
+
+
+def load_run_config(method: str, path: str | Path) -> DictConfig:
+    """A run's saved ``config.yaml`` merged over today's schema: unknown keys (a renamed field) are refused.
+
+    Keys the saved file lacks (a field added since) take their defaults.
+    """
+    cfg = _merge(_schema(method), _load_yaml(Path(path)), str(path))
+    stray = sorted(set(cfg) - {"method", "train", "data"})
+    if stray:
+        raise ConfigError(f"{path}: unexpected top-level keys {stray}; expected method, train and data")
+    build(method, cfg)
+    return cfg
 
 
 def to_yaml(cfg: DictConfig) -> str:

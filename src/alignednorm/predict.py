@@ -1,62 +1,73 @@
 """Use a trained prompt: ``alignednorm.load(run_dir).predict(images, classes)``.
 
 A run folder holds everything needed: ``run.json`` (method, backbone file and SHA-256, class
-names, template), ``config.yaml`` and ``learnable.safetensors``. Predictions use the unified
-rule (fused logits for every image), since at prediction time nobody knows which classes are
-"base".
+names, template), ``config.yaml`` and ``learnable.safetensors``. The inference rule follows the
+classes asked about: ``seen`` when they are all among the training classes (MMRL++: fused logits),
+``unseen`` otherwise (MMRL++: the class branch, as its official code does for new classes);
+unified methods use one rule for both.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from alignednorm import data as D
-from alignednorm.backbone.clip import ClipBackbone
-from alignednorm.config import build
-from alignednorm.engine.io import load_tensors
-from alignednorm.engine.run import file_sha256
-from alignednorm.errors import CheckpointError, DataError
-from alignednorm.methods import Method, create_method
+from alignednorm.engine.run import TrainedRun, load_run
+from alignednorm.errors import ConfigError, DataError
+from alignednorm.methods import check_rule
+from alignednorm.prompts.label_space import LabelSpace
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class Predictor:
     """A trained method ready to classify images among any class names."""
 
-    def __init__(self, method: Method, info: dict):
-        self.method = method.eval()
-        self.info = info
-        self.transform = D.build_transform(method.backbone.image_size, train=False)
-        if hasattr(method.config, "inference"):
-            method.config.inference = "unified"
+    def __init__(self, trained: TrainedRun):
+        self.method = trained.method.eval()
+        self.info = trained.info
+        self.transform = D.build_transform(self.method.backbone.image_size, train=False)
 
     @property
     def classnames(self) -> list[str]:
         return self.info["classnames"]
 
+    def rule_for(self, classes: list[str]) -> str:
+        """``seen`` when every class was trained on (or nothing was trained), else ``unseen``."""
+        trained = self.method.trained_classnames
+        return "seen" if trained is None or set(classes) <= set(trained) else "unseen"
+
     @torch.no_grad()
-    def predict(self, images, classes: list[str] | None = None, topk: int = 5,
-                template: str | None = None) -> list[list[tuple[str, float]]]:
+    def predict(self, images, classes: list[str] | None = None, topk: int = 5, template: str | None = None,
+                rule: str | None = None) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(class name, probability)`` per image.
 
         Args:
             images: image paths, a folder, PIL images, or a ``(B, 3, H, W)`` normalised tensor.
             classes: class names to choose from (default: the run's training classes).
-            topk: how many labels per image.
+            topk: how many labels per image (at least 1; more than the classes is clamped, with a warning).
             template: prompt template (default: the run's).
+            rule: inference rule ``seen`` / ``unseen`` / ``any``; default: chosen from ``classes`` (see module).
         """
-        classes = list(classes or self.classnames)
-        self.method.check_classnames(classes, "all")
-        self.method.set_classnames(classes, template or self.info["template"])
+        classes = self.classnames if classes is None else list(classes)
+        if not classes:
+            raise ConfigError("no class names given; pass at least one class (or none at all for the run's own)")
+        if not isinstance(topk, int) or topk < 1:
+            raise ConfigError(f"topk = {topk!r}; expected an integer >= 1")
+        if topk > len(classes):
+            log.warning("topk = %d is more than the %d classes; showing all %d", topk, len(classes), len(classes))
+        space = LabelSpace(tuple(classes), (template or self.info["template"],))
+        rule = check_rule(rule or self.rule_for(classes))
+        self.method.check_classnames(classes, rule)
+        self.method.set_label_space(space)
         batch = images if isinstance(images, torch.Tensor) else torch.stack([self.transform(i) for i in _open(images)])
         device = next(self.method.backbone.parameters()).device
-        probs = self.method.predict(batch.to(device), subset="all").softmax(dim=-1)
+        probs = self.method.predict(batch.to(device), rule=rule).softmax(dim=-1)
         values, indices = probs.topk(min(topk, len(classes)), dim=-1)
         return [[(classes[i], float(v)) for v, i in zip(row_v, row_i)] for row_v, row_i in zip(values, indices)]
 
@@ -93,21 +104,4 @@ def load(run_dir: str | Path, clip: str | Path | None = None, device: str | torc
         clip: the backbone checkpoint, when it moved since training (its SHA-256 must match).
         device: where to run.
     """
-    run_dir = Path(run_dir)
-    info_path = run_dir / "run.json"
-    if not info_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a run folder: {info_path.name} is missing")
-    info = json.loads(info_path.read_text())
-    clip_path = Path(clip or info["clip"])
-    if not clip_path.is_file():
-        raise CheckpointError(f"backbone {clip_path} (recorded in {info_path}) does not exist; pass clip=... / --clip")
-    if file_sha256(clip_path) != info["clip_sha256"]:
-        raise CheckpointError(f"backbone {clip_path} is not the one the run was trained with "
-                              f"(SHA-256 differs from {info_path})")
-    method_cfg, _, _ = build(info["method"], OmegaConf.load(run_dir / "config.yaml"))
-    method = create_method(info["method"], ClipBackbone.from_file(clip_path, info.get("clip_model")), method_cfg)
-    if method.learnable_parameters():
-        method.load_learnable_state_dict(load_tensors(run_dir / "learnable.safetensors"),
-                                         source=str(run_dir / "learnable.safetensors"))
-        method.set_trained_classnames(info["classnames"], run_dir)
-    return Predictor(method.to(device), info)
+    return Predictor(load_run(run_dir, clip=clip, device=device))

@@ -2,7 +2,9 @@
 
 ``ClipBackbone`` wraps one open_clip ``CLIP``: embeddings -> per block (prompt hook -> block ->
 record) -> final norm -> pooling -> projection, in both towers. Only attribute names shared by
-OpenAI's archives and open_clip 3.x/4.x are touched (style.md §3).
+OpenAI's archives and open_clip 3.x/4.x are touched (style.md §3). OpenAI's ResNet image towers
+(RN50, RN101) run as one frozen module: methods that only prompt the text tower (zero-shot, CoOp,
+CoCoOp, Nemesis, linear probe) work on them, vision hooks get a clear error.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from open_clip.model import CLIP
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
-from alignednorm.backbone.hooks import PromptHook, PromptState, Trace, splice
+from alignednorm.backbone.hooks import Prefix, PromptHook, PromptState, Trace, splice
 from alignednorm.backbone.loading import load_clip
+from alignednorm.errors import ConfigError
 
 
 @dataclass
@@ -25,15 +28,16 @@ class TowerOutput:
 
     Attributes:
         features: projected pooled feature ``(B, E)``, not normalised.
-        tokens: every token after the final LayerNorm (``ln_post``/``ln_final``), ``(B, T, W)``.
-        hidden: the last block's output before the final LayerNorm, ``(B, T, W)``.
+        tokens: every token after the final LayerNorm (``ln_post``/``ln_final``), ``(B, T, W)``;
+            ``None`` for a ResNet image tower.
+        hidden: the last block's output before the final LayerNorm, ``(B, T, W)`` (``None`` for a ResNet).
         prompt_start, prompt_count: where prompt tokens sit in ``tokens``/``hidden``.
         trace: the per-layer record, when one was passed in.
     """
 
     features: Tensor
-    tokens: Tensor
-    hidden: Tensor
+    tokens: Tensor | None
+    hidden: Tensor | None
     prompt_start: int = 0
     prompt_count: int = 0
     trace: Trace | None = None
@@ -48,14 +52,17 @@ class ClipBackbone(nn.Module):
     """A frozen CLIP with prompt hooks in both towers.
 
     Args:
-        model: an open_clip ``CLIP`` (OpenAI layout: text modules on the model itself).
+        model: an open_clip ``CLIP`` (OpenAI layout: text modules on the model itself) with a ViT
+            image tower, or OpenAI's ModifiedResNet one (text-side methods only).
         source: where the weights came from (a path), kept for run metadata.
     """
 
     def __init__(self, model: CLIP, source: str | None = None):
         super().__init__()
-        if not hasattr(model, "token_embedding") or not hasattr(model.visual, "transformer"):
-            raise TypeError("ClipBackbone needs an open_clip CLIP with a ViT image tower and a built-in text tower")
+        visual = getattr(model, "visual", None)
+        if not hasattr(model, "token_embedding") or not (hasattr(visual, "transformer") or hasattr(visual, "attnpool")):
+            raise TypeError("ClipBackbone needs an open_clip CLIP with a ViT or ResNet image tower and a built-in "
+                            "text tower")
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.source = source
@@ -74,8 +81,20 @@ class ClipBackbone(nn.Module):
 
     # ----------------------------------------------------------------- geometry
     @property
+    def is_vit(self) -> bool:
+        """Whether the image tower is a ViT (runs block by block, takes prompts and traces)."""
+        return hasattr(self.model.visual, "transformer")
+
+    def require_vit(self, who: str) -> None:
+        """Refuse, naming ``who``, when the image tower cannot take prompts (a ResNet)."""
+        if not self.is_vit:
+            raise ConfigError(f"{who} puts prompts into the image tower, which needs a ViT CLIP; this backbone "
+                              f"({self.source or 'in memory'}) has a ResNet image tower (RN50/RN101). Use a ViT "
+                              "checkpoint, or a text-side method (zeroshot, coop, cocoop, nemesis)")
+
+    @property
     def vision_layers(self) -> int:
-        return len(self.model.visual.transformer.resblocks)
+        return len(self.model.visual.transformer.resblocks) if self.is_vit else 0
 
     @property
     def text_layers(self) -> int:
@@ -83,7 +102,7 @@ class ClipBackbone(nn.Module):
 
     @property
     def vision_width(self) -> int:
-        return self.model.visual.conv1.out_channels
+        return self.model.visual.conv1.out_channels if self.is_vit else 0
 
     @property
     def text_width(self) -> int:
@@ -91,12 +110,13 @@ class ClipBackbone(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        return self.model.visual.proj.shape[1]
+        return self.model.text_projection.shape[-1] if not isinstance(self.model.text_projection, nn.Linear) \
+            else self.model.text_projection.out_features
 
     @property
     def image_size(self) -> int:
         size = self.model.visual.image_size
-        return size[0] if isinstance(size, tuple) else int(size)
+        return size[0] if isinstance(size, (tuple, list)) else int(size)
 
     @property
     def context_length(self) -> int:
@@ -107,7 +127,8 @@ class ClipBackbone(nn.Module):
         ids = self.tokenizer(texts)
         too_long = [t for t, row in zip(texts, ids) if row[-1] != 0 and row.argmax() == len(row) - 1]
         if too_long:
-            raise ValueError(f"prompt longer than the context length {self.context_length}: {too_long[0]!r}")
+            text = too_long[0] if len(too_long[0]) <= 80 else too_long[0][:77] + "..."
+            raise ConfigError(f"prompt longer than the text context of {self.context_length} tokens: {text!r}")
         return ids
 
     # ----------------------------------------------------------------- vision
@@ -120,54 +141,66 @@ class ClipBackbone(nn.Module):
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
         return visual.ln_pre(x)
 
+    def pool_image(self, tokens: Tensor) -> Tensor:
+        """The projected class token ``(B, E)`` of ``ln_post`` outputs ``(B, T, W)``."""
+        return tokens[:, 0] @ self.model.visual.proj
+
     def encode_image(
         self,
         images: Tensor | None = None,
         hook: PromptHook | None = None,
         trace: Trace | None = None,
-        start_layer: int = 1,
-        hidden: Tensor | None = None,
-        prompt_state: PromptState | None = None,
+        prefix: Prefix | None = None,
     ) -> TowerOutput:
         """Run the image tower.
 
         Args:
-            images: ``(B, 3, H, W)`` normalised images (ignored when ``hidden`` is given).
+            images: ``(B, 3, H, W)`` normalised images (not needed when ``prefix`` is given).
             hook: asked before every block for prompt tokens.
             trace: filled with per-layer states / attention when given.
-            start_layer: the first block to run (1-based); with ``hidden``, the input of that block.
-            hidden: cached sequence entering ``start_layer`` (prefix caching).
-            prompt_state: where prompts already sit in ``hidden``.
+            prefix: start at block ``prefix.layer`` from these cached states (see :meth:`image_prefix`).
         """
-        x = self.embed_image(images) if hidden is None else hidden
-        state = prompt_state or PromptState()
-        blocks = self.model.visual.transformer.resblocks
-        x = self._run_blocks(x, blocks, hook, trace, state, start_layer, causal=False)
-        visual = self.model.visual
-        tokens = visual.ln_post(x)
-        features = tokens[:, 0] @ visual.proj
-        return TowerOutput(features, tokens, x, state.start, state.n, trace)
+        if not self.is_vit:
+            if hook is not None or trace is not None or prefix is not None:
+                self.require_vit("a vision prompt hook, trace or prefix")
+            return TowerOutput(self.model.visual(images), None, None)
+        x, state, first = self._start(prefix, images, self.embed_image)
+        x = self._run_blocks(x, self.model.visual.transformer.resblocks, hook, trace, state, first, causal=False)
+        tokens = self.model.visual.ln_post(x)
+        return TowerOutput(self.pool_image(tokens), tokens, x, state.start, state.n, trace)
 
-    def image_prefix(self, images: Tensor, upto: int, trace: Trace | None = None) -> Tensor:
-        """The sequence entering block ``upto`` without prompts (blocks ``1 .. upto-1`` run).
-
-        Methods whose prompts start at block J compute this once and continue from it with
-        ``encode_image(hidden=..., start_layer=J)`` for both the prompted and the frozen pass.
-        """
-        x = self.embed_image(images)
+    def image_prefix(self, images: Tensor, upto: int, trace: Trace | None = None) -> Prefix:
+        """The prompt-free sequence entering block ``upto`` (blocks ``1 .. upto-1`` run)."""
+        self.require_vit("image_prefix")
         blocks = self.model.visual.transformer.resblocks[: upto - 1]
-        return self._run_blocks(x, blocks, None, trace, PromptState(), 1, causal=False)
+        states = self._run_blocks(self.embed_image(images), blocks, None, trace, PromptState(), 1, causal=False)
+        return Prefix(upto, states)
 
     # ----------------------------------------------------------------- text
-    def text_prefix(self, token_ids: Tensor, upto: int, trace: Trace | None = None) -> Tensor:
-        """The text sequence entering block ``upto`` without prompts (blocks ``1 .. upto-1`` run)."""
-        blocks = self.model.transformer.resblocks[: upto - 1]
-        return self._run_blocks(self.embed_text(token_ids), blocks, None, trace, PromptState(), 1, causal=True)
-
     def embed_text(self, token_ids: Tensor) -> Tensor:
         """Token + positional embeddings ``(N, T, W)``."""
         x = self.model.token_embedding(token_ids)
         return x + self.model.positional_embedding.to(x.dtype)
+
+    def text_prefix(self, token_ids: Tensor, upto: int, trace: Trace | None = None,
+                    embeddings: Tensor | None = None) -> Prefix:
+        """The prompt-free text sequence entering block ``upto`` (blocks ``1 .. upto-1`` run)."""
+        x = self.embed_text(token_ids) if embeddings is None else embeddings
+        blocks = self.model.transformer.resblocks[: upto - 1]
+        return Prefix(upto, self._run_blocks(x, blocks, None, trace, PromptState(), 1, causal=True))
+
+    def pool_text(self, tokens: Tensor, token_ids: Tensor, prompts: PromptState | None = None) -> Tensor:
+        """The projected end-of-text token ``(N, E)`` of ``ln_final`` outputs ``(N, T, W)``.
+
+        The EOT is the largest id of each row of ``token_ids``; prompt tokens inserted at or before
+        it push it back by their number.
+        """
+        eot = token_ids.argmax(dim=-1)
+        if prompts is not None and prompts.n:
+            eot = eot + torch.where(eot >= prompts.start, prompts.n, 0)
+        pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), eot]
+        proj = self.model.text_projection
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
 
     def encode_text(
         self,
@@ -175,8 +208,7 @@ class ClipBackbone(nn.Module):
         hook: PromptHook | None = None,
         trace: Trace | None = None,
         embeddings: Tensor | None = None,
-        start_layer: int = 1,
-        prompt_state: PromptState | None = None,
+        prefix: Prefix | None = None,
     ) -> TowerOutput:
         """Run the text tower.
 
@@ -184,25 +216,23 @@ class ClipBackbone(nn.Module):
             token_ids: ``(N, T)`` token ids; the end-of-text token is the largest id in each row.
             hook: asked before every block for prompt tokens (inserted after the start token).
             trace: filled with per-layer states / attention when given.
-            embeddings: ``(N, T, W)`` to use instead of ``embed_text(token_ids)`` (CoOp-style
-                context vectors); with ``start_layer > 1``, the cached input of that block.
-            start_layer: the first block to run (1-based).
-            prompt_state: where prompts already sit in ``embeddings``.
+            embeddings: ``(N, T, W)`` input embeddings to use instead of ``embed_text(token_ids)``
+                (CoOp-style context vectors put in place of some word embeddings).
+            prefix: start at block ``prefix.layer`` from these cached states (see :meth:`text_prefix`).
         """
-        x = self.embed_text(token_ids) if embeddings is None else embeddings
-        state = prompt_state or PromptState()
-        x = self._run_blocks(x, self.model.transformer.resblocks, hook, trace, state, start_layer, causal=True)
+        x, state, first = self._start(prefix, token_ids, self.embed_text if embeddings is None else lambda _: embeddings)
+        x = self._run_blocks(x, self.model.transformer.resblocks, hook, trace, state, first, causal=True)
         tokens = self.model.ln_final(x)
-        eot = token_ids.argmax(dim=-1)
-        if state.n:
-            # Tokens inserted at or before the EOT position push it back by their number.
-            eot = eot + torch.where(eot >= state.start, state.n, 0)
-        pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), eot]
-        proj = self.model.text_projection
-        features = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-        return TowerOutput(features, tokens, x, state.start, state.n, trace)
+        return TowerOutput(self.pool_text(tokens, token_ids, state), tokens, x, state.start, state.n, trace)
 
     # ----------------------------------------------------------------- blocks
+    @staticmethod
+    def _start(prefix: Prefix | None, inputs, embed) -> tuple[Tensor, PromptState, int]:
+        """The sequence, prompt bookkeeping and first block of a tower pass."""
+        if prefix is None:
+            return embed(inputs), PromptState(), 1
+        return prefix.states, PromptState(prefix.prompts.start, prefix.prompts.n), prefix.layer
+
     def _run_blocks(self, x, blocks, hook, trace, state, start_layer, causal) -> Tensor:
         for layer in range(start_layer, len(blocks) + 1):
             if hook is not None:
@@ -211,6 +241,8 @@ class ClipBackbone(nn.Module):
                     x = splice(x, prompt, state)
             mask = causal_mask(x.shape[1], x.device, x.dtype) if causal else None
             x = self._block(blocks[layer - 1], x, mask, layer, trace)
+            if trace is not None:
+                trace.positions[layer] = (state.start, state.n)
         if trace is not None:
             trace.prompt_start, trace.prompt_count = state.start, state.n
         return x
@@ -225,11 +257,11 @@ class ClipBackbone(nn.Module):
         )
         x = x + block.ls_1(attn_out)
         x = x + block.ls_2(block.mlp(block.ln_2(x)))
-        if trace is not None:
+        if trace is not None and trace.keeps(layer):
             if trace.record_hidden:
                 trace.hidden[layer] = x
             if trace.record_attn_out:
                 trace.attn_out[layer] = attn_out
-            if want_weights:
-                trace.attention[layer] = weights  # (B, heads, T, T)
+        if want_weights:
+            trace.attention[layer] = weights  # (B, heads, T, T)
         return x

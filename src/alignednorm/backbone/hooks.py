@@ -76,21 +76,57 @@ def splice(x: Tensor, prompt: LayerPrompt, state: PromptState) -> Tensor:
 class Trace:
     """What a tower recorded on its way through the blocks.
 
-    Set the ``record_*`` flags before the forward; the backbone fills the dicts, keyed by the
-    1-based layer number.
+    Set the ``record_*`` flags (and ``layers``) before the forward; the backbone fills the dicts,
+    keyed by the 1-based layer number.
 
     Attributes:
-        record_hidden: keep every block's output ``(B, T, W)`` in ``hidden``.
+        record_hidden: keep every recorded block's output ``(B, T, W)`` in ``hidden``.
         record_attn_out: keep the attention branch ``attn(ln_1(x))`` in ``attn_out``.
         attention_layers: layers whose attention probabilities ``(B, heads, T, T)`` go in ``attention``.
+        layers: the layers whose hidden states / attention branch are kept (``None``: every layer),
+            as open_clip's ``forward_intermediates(indices=...)``.
+        positions: ``{layer: (start, count)}``: where the prompt tokens sat in that block's input
+            and output, for every layer run, whatever the splice mode (``(0, 0)`` without prompts).
         prompt_start, prompt_count: where the prompt tokens sat after the last block.
     """
 
     record_hidden: bool = True
     record_attn_out: bool = False
     attention_layers: tuple[int, ...] = ()
+    layers: tuple[int, ...] | None = None
     hidden: dict[int, Tensor] = field(default_factory=dict)
     attn_out: dict[int, Tensor] = field(default_factory=dict)
     attention: dict[int, Tensor] = field(default_factory=dict)
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)
     prompt_start: int = 0
     prompt_count: int = 0
+
+    def keeps(self, layer: int) -> bool:
+        """Whether ``layer``'s hidden states are recorded."""
+        return self.layers is None or layer in self.layers
+
+
+@dataclass
+class Traces:
+    """One :class:`Trace` per tower for a method's forward; ``None`` leaves a tower unrecorded."""
+
+    image: Trace | None = None
+    text: Trace | None = None
+
+
+@dataclass
+class Prefix:
+    """A tower's sequence entering block ``layer`` (blocks ``1 .. layer-1`` already run).
+
+    Methods whose prompts start at block J compute it once and continue from it, for the
+    prompted and for the frozen pass (prefix caching).
+
+    Attributes:
+        layer: the first block still to run (1-based).
+        states: ``(B, T, W)`` the input of that block.
+        prompts: where prompt tokens already sit in ``states``.
+    """
+
+    layer: int
+    states: Tensor
+    prompts: PromptState = field(default_factory=PromptState)

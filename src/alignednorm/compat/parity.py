@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from alignednorm.backbone.clip import ClipBackbone
-from alignednorm.backbone.hooks import Trace
+from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.compat.official import convert_official_state, ours_to_official
 from alignednorm.methods import create_method
 
@@ -84,16 +84,16 @@ def _text_records(trace: Trace, token_ids: torch.Tensor, layers: list[int], n: i
     return {"text.eot_hidden": torch.stack(eot_hidden), "text.rep_hidden": rep}
 
 
-def _evaluate(method, classnames, template, images, prefix: str, subset: str) -> dict:
+def _evaluate(method, classnames, template, images, prefix: str, rule: str) -> dict:
     method.set_classnames(classnames, template)
     method.eval()
     with torch.no_grad():
-        out = method(images, subset=subset)
+        out = method(images, rule=rule)
     b = out.branches
     return {f"{prefix}.logits": b["logits_cls"], f"{prefix}.logits_rep": b["logits_rep"],
             f"{prefix}.logits_fusion": b["logits_fusion"], f"{prefix}.image_features": b["f_c"],
             f"{prefix}.text_features": b["text_features"], f"{prefix}.output": out.logits,
-            f"{prefix}.frozen_text_features": method.frozen_text_features}
+            f"{prefix}.frozen_text_features": method.frozen_text_features()}
 
 
 def _train_step(method, manifest, images, labels, official_names) -> dict:
@@ -102,18 +102,18 @@ def _train_step(method, manifest, images, labels, official_names) -> dict:
     method.set_classnames(manifest["class_names_base"], manifest["template"])
     method.train()
     vtrace, ttrace = Trace(record_attn_out=True), Trace()
-    terms, outputs = method.compute_terms(images, labels, trace=vtrace, text_trace=ttrace)
+    terms, outputs = method.compute_terms(images, labels, trace=Traces(image=vtrace, text=ttrace))
     method.zero_grad(set_to_none=True)
     terms["loss"].backward()
     b = outputs.branches
     rec = {f"train.{k}": b[k] for k in ("z_c", "z_p", "text_features", "text_features_unnorm", "logits_rep",
-                                        "logits_fusion", "rep_tokens_visual", "rep_tokens_text", "cls_ln_post",
-                                        "rep_ln_post_mean")}
+                                        "logits_fusion", "cls_ln_post", "rep_ln_post_mean")}
+    rec["train.rep_tokens_visual"], rec["train.rep_tokens_text"] = method.mapped_tokens()
     rec.update({"train.logits": b["logits_cls"], "train.image_features": b["f_c"],
                 "train.image_features_rep": b["f_p"], "train.acc": terms["acc"]})
     with torch.no_grad():
         rec["frozen.image_features"] = F.normalize(method.backbone.encode_image(images).features, dim=-1)
-    rec["frozen.text_features"] = method.frozen_text_features
+    rec["frozen.text_features"] = method.frozen_text_features()
     rec.update(_vision_records(vtrace, method.backbone.embed_image(images), layers, n))
     rec.update(_text_records(ttrace, method.token_ids, layers, n))
     rec.update(_loss_records(method, terms))
@@ -173,10 +173,10 @@ def compute_outputs(fixture: Path, manifest: dict) -> dict[str, torch.Tensor]:
     inputs = load_file(str(fixture / "inputs.safetensors"))
     images, labels, template = inputs["images"], inputs["labels"], manifest["template"]
     ours: dict[str, torch.Tensor] = {}
-    for classes, prefix, subset in (("class_names_base", "eval_base", "base"), ("class_names_new", "eval_new", "new")):
+    for half, rule in (("base", "seen"), ("new", "unseen")):
         method.load_learnable_state_dict(start_values, source=str(fixture / "learnable.safetensors"))
-        ours.update(_evaluate(method, manifest[classes], template, images, prefix, subset))
-        ours[f"tokens.{subset}"] = method.token_ids
+        ours.update(_evaluate(method, manifest[f"class_names_{half}"], template, images, f"eval_{half}", rule))
+        ours[f"tokens.{half}"] = method.token_ids
     method.load_learnable_state_dict(start_values)
     ours.update(_train_step(method, manifest, images, labels, list(official)))
     return ours

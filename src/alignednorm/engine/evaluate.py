@@ -10,9 +10,9 @@ from alignednorm.methods.base import Method
 
 
 @torch.no_grad()
-def evaluate(method: Method, loader: DataLoader, subset: str = "all", progress: bool = True,
+def evaluate(method: Method, loader: DataLoader, rule: str = "any", progress: bool = True,
              desc: str = "eval") -> dict:
-    """Run ``method.predict`` over ``loader``.
+    """Run ``method.predict`` with inference ``rule`` over ``loader``.
 
     Returns:
         ``{"accuracy": %, "num_samples": N, "per_class_accuracy": [% per label], "macro_accuracy": %}``.
@@ -26,7 +26,7 @@ def evaluate(method: Method, loader: DataLoader, subset: str = "all", progress: 
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
         images, labels = batch
-        logits = method.predict(images.to(device), subset=subset)
+        logits = method.predict(images.to(device), rule=rule)
         hits = (logits.argmax(dim=-1).cpu() == labels).long()
         total += torch.bincount(labels, minlength=num_classes)
         correct += torch.bincount(labels, weights=hits, minlength=num_classes).long()

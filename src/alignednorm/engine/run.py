@@ -1,9 +1,15 @@
-"""One run: load data and backbone, train a method, evaluate it, write the run folder.
+"""One training run: load data and backbone, train a method, write the run folder; rebuild it later.
 
 A run folder holds ``config.yaml`` (the resolved config), ``run.json`` (what was run: method,
-dataset, shots, seed, backbone file and checksum, class names), ``learnable.safetensors``,
-``checkpoint.pt`` while training, ``log.jsonl`` and finally ``metrics.json``. Every file is
-written atomically; a folder with ``metrics.json`` is complete and is skipped unless forced.
+dataset, shots, seed, backbone file and checksum, class names, and the run's *identity*),
+``learnable.safetensors``, ``checkpoint.pt`` while training, ``log.jsonl`` and finally
+``metrics.json``. Every file is written atomically.
+
+A folder is reused (finished: skipped; interrupted: resumed) only when its identity, everything
+that determines the result (method, the whole resolved config, dataset, shots, training classes,
+backbone checksum), equals the new run's; otherwise the run stops with an error naming the keys
+that differ. Evaluations are the protocols' business (:mod:`alignednorm.protocols.runner`);
+:func:`load_run` is the one way to rebuild a trained method from its folder.
 """
 
 from __future__ import annotations
@@ -12,30 +18,31 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
-from alignednorm.config import build, to_yaml
+from alignednorm.config import build, load_run_config, to_yaml
 from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
 from alignednorm.engine.evaluate import evaluate
-from alignednorm.engine.io import save_tensors, write_json, write_text
+from alignednorm.engine.io import load_tensors, save_tensors, write_json, write_text
 from alignednorm.engine.trainer import Trainer, seed_everything
-from alignednorm.errors import AlignedNormError
+from alignednorm.errors import AlignedNormError, CheckpointError
 from alignednorm.methods import Method, create_method
+from alignednorm.prompts.label_space import LabelSpace
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunSpec:
-    """What to run.
+    """What to train.
 
     Attributes:
         method: registered method name.
@@ -46,9 +53,7 @@ class RunSpec:
         config: the resolved ``{method, train, data}`` config.
         shots: K-shot training (0 = all training images).
         train_subset: classes trained on: ``base`` (base-to-new) or ``all``.
-        evals: ``(name, dataset, subset)`` triples evaluated after training.
-        cache_dir: few-shot index cache (default: ``<data_root>/../.alignednorm-cache`` is avoided;
-            ``<output>/../../.cache`` keeps it beside the runs).
+        cache_dir: few-shot index cache (default: ``<output>/../.fewshot-cache``, beside the runs).
     """
 
     method: str
@@ -59,18 +64,88 @@ class RunSpec:
     config: DictConfig
     shots: int = 16
     train_subset: str = "base"
-    evals: list[tuple[str, str, str]] = field(default_factory=lambda: [("base", "", "base"), ("new", "", "new")])
     clip_model: str | None = None
     cache_dir: str | None = None
     progress: bool = True
 
 
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, remembered per (path, size, mtime) for this process."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
+
+
+# Settings that change how a run is carried out or logged, never its numbers.
+NON_RESULT_KEYS = {"train": ("num_workers", "log_every", "tensorboard", "wandb_project"), "data": ("eval_batch_size",)}
+
+
+def run_identity(spec: RunSpec) -> dict:
+    """Everything that determines a training run's result (not where files live or how it is logged)."""
+    config = OmegaConf.to_container(spec.config, resolve=True)
+    for section, keys in NON_RESULT_KEYS.items():
+        for key in keys:
+            config.get(section, {}).pop(key, None)
+    return {
+        "method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "train_subset": spec.train_subset,
+        "config": config, "clip_sha256": file_sha256(spec.clip), "clip_model": spec.clip_model,
+    }
+
+
+def identity_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two identities (dotted keys)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:12] + "..." + text[-8:]
+
+
+def check_identity(run_dir: Path, identity: dict, what: str = "run") -> None:
+    """Refuse to reuse ``run_dir`` when its recorded identity is not ``identity``."""
+    info_path = run_dir / "run.json"
+    if not info_path.is_file():
+        return
+    old = read_run_info(run_dir).get("identity")
+    if old is None:
+        raise AlignedNormError(f"{run_dir} holds a {what} without a recorded identity (an older version wrote it); "
+                               "pass --force to replace it, or choose another output folder")
+    diff = identity_differences(old, identity)
+    if diff:
+        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise AlignedNormError(f"{run_dir} holds a {what} with other settings ({shown}); pass --force to replace it, "
+                               "or use another --tag / output folder to keep both")
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """``run.json`` of a run folder, with a clear error when it is missing or damaged."""
+    path = Path(run_dir) / "run.json"
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{run_dir} is not a run folder: {path.name} is missing") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable or truncated ({exc}); re-run the training with --force") from None
+    if not isinstance(info, dict) or "method" not in info:
+        raise CheckpointError(f"{path}: not a run record (expected a JSON object with 'method')")
+    return info
 
 
 class RunLock:
@@ -109,13 +184,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def load_split(spec: RunSpec, dataset: str, subset: str, seed: int) -> D.DatasetSplits:
-    """The dataset's splits after Dassl's few-shot sampling and CoOp's base/new selection."""
-    splits = D.load_splits(dataset, spec.data_root)
-    if spec.shots > 0 and dataset == spec.dataset:
+def load_split(spec: RunSpec, seed: int) -> D.DatasetSplits:
+    """The training dataset's splits after Dassl's few-shot sampling and CoOp's base/new selection."""
+    splits = D.load_splits(spec.dataset, spec.data_root)
+    if spec.shots > 0:
         cache = spec.cache_dir or str(Path(spec.output).resolve().parent / ".fewshot-cache")
         splits = D.few_shot_splits(splits, spec.shots, seed, cache_dir=cache)
-    return D.subsample_classes(splits, subset)
+    return D.subsample_classes(splits, spec.train_subset)
+
+
+def dataset_label_space(dataset: str, classnames) -> LabelSpace:
+    """The label space of ``classnames`` phrased with ``dataset``'s template."""
+    return LabelSpace(tuple(classnames), (D.get_dataset(dataset).template,))
 
 
 def eval_loader(items, backbone: ClipBackbone, batch_size: int, skip_corrupt: bool) -> DataLoader:
@@ -124,20 +204,23 @@ def eval_loader(items, backbone: ClipBackbone, batch_size: int, skip_corrupt: bo
                       collate_fn=skip_none_collate)
 
 
-def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = False, resume: bool = False) -> dict:
-    """Train (unless nothing is learnable) and evaluate; returns the metrics written.
+def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = False, resume: bool = True) -> dict:
+    """Train (unless nothing is learnable); returns the training run's ``metrics.json``.
 
-    A finished run (``metrics.json``) is skipped unless ``force``. An interrupted one
-    (``checkpoint.pt`` without ``metrics.json``) continues with ``resume``, restarts with
-    ``force``, and is otherwise refused, so no partial work is lost silently. Under ``torchrun``
-    every process trains its share of each batch; process 0 alone writes and evaluates.
+    A finished run with the same identity is skipped unless ``force``; an interrupted one
+    (``checkpoint.pt`` without ``metrics.json``) continues when ``resume`` (the default) or restarts
+    with ``force``. A folder holding a run with another identity is refused (see module docs).
+    Under ``torchrun`` every process trains its share of each batch; process 0 alone writes.
     """
     device = distributed.init_from_env()
     run_dir = Path(spec.output)
+    identity = run_identity(spec)
     finished, interrupted = (run_dir / "metrics.json").is_file(), (run_dir / "checkpoint.pt").is_file()
+    if not force:
+        check_identity(run_dir, identity, "training run")
     distributed.barrier()  # every process decides from the same files
     if finished and not force:
-        log.info("skipping %s: metrics.json exists (use --force to re-run)", run_dir)
+        log.info("skipping %s: metrics.json exists with the same settings (use --force to re-run)", run_dir)
         return json.loads((run_dir / "metrics.json").read_text())
     if interrupted and not (resume or force):
         raise AlignedNormError(f"{run_dir} holds an interrupted run (checkpoint.pt); pass --resume to continue it "
@@ -145,31 +228,31 @@ def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = F
     if device is not None and backbone is None:
         backbone = ClipBackbone.from_file(spec.clip, spec.clip_model).to(device)
     if not distributed.is_main():
-        return _execute(spec, run_dir, backbone)
+        return _execute(spec, run_dir, backbone, identity)
     with RunLock(run_dir):
         if force:
-            for name in ("metrics.json", "checkpoint.pt", "log.jsonl", "learnable.safetensors"):
+            for name in ("metrics.json", "checkpoint.pt", "log.jsonl", "learnable.safetensors", "run.json"):
                 (run_dir / name).unlink(missing_ok=True)
         distributed.barrier()
-        return _execute(spec, run_dir, backbone)
+        return _execute(spec, run_dir, backbone, identity)
 
 
-def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None) -> dict:
+def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identity: dict) -> dict:
     method_cfg, train_cfg, data_cfg = build(spec.method, spec.config)
     seed_everything(train_cfg.seed)
     backbone = backbone or ClipBackbone.from_file(spec.clip, spec.clip_model)
     method = create_method(spec.method, backbone, method_cfg).to(next(backbone.parameters()).device)
-    template = D.get_dataset(spec.dataset).template
-    train_split = load_split(spec, spec.dataset, spec.train_subset, train_cfg.seed)
-    method.set_classnames(train_split.classnames, template)
-    if method.learnable_parameters():
+    train_split = load_split(spec, train_cfg.seed)
+    method.set_label_space(dataset_label_space(spec.dataset, train_split.classnames))
+    learns = bool(method.learnable_parameters())
+    if learns:
         method.set_trained_classnames(train_split.classnames, run_dir)
     main = distributed.is_main()
     if main:
         write_text(run_dir / "config.yaml", to_yaml(spec.config))
-        write_json(run_dir / "run.json", _run_info(spec, train_split, backbone))
+        write_json(run_dir / "run.json", _run_info(spec, train_split, identity))
     train_stats = {}
-    if method.learnable_parameters():
+    if learns:
         transform = D.build_transform(backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale),
                                       hflip=data_cfg.hflip)
         dataset = D.ImageListDataset(train_split.train, transform, skip_corrupt=data_cfg.skip_corrupt)
@@ -182,34 +265,22 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None) -> dic
     metrics = {"method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "seed": train_cfg.seed,
                "train": train_stats, "eval": {}}
     if main:
-        for name, dataset_name, subset in spec.evals:
-            metrics["eval"][name] = evaluate_on(spec, method, dataset_name or spec.dataset, subset, train_cfg.seed,
-                                                data_cfg)
         write_json(run_dir / "metrics.json", metrics)
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete; learnable.safetensors stays
     distributed.barrier()
     return metrics
 
 
-def evaluate_on(spec: RunSpec, method: Method, dataset: str, subset: str, seed: int, data_cfg) -> dict:
-    """Accuracy of ``method`` on ``dataset``'s test split restricted to ``subset``."""
-    split = load_split(spec, dataset, subset, seed)
-    result = evaluate_split(method, split, dataset, subset, data_cfg, spec.progress)
-    result.update(dataset=dataset, subset=subset)
-    log.info("%s %s/%s: %.2f%%", spec.method, dataset, subset, result["accuracy"])
-    return result
-
-
 def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: str, data_cfg,
                    progress: bool = True) -> dict:
-    """Accuracy on ``split.test`` over its classes, with the inference rule ``rule`` (base / new / all).
+    """Accuracy on ``split.test`` over its classes, with the inference rule ``rule`` (seen / unseen / any).
 
     Unreadable images skipped under ``data.skip_corrupt`` are counted in ``skipped_images``.
     """
     method.check_classnames(split.classnames, rule)
-    method.set_classnames(split.classnames, D.get_dataset(dataset).template)
+    method.set_label_space(dataset_label_space(dataset, split.classnames))
     loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
-    result = evaluate(method, loader, subset=rule, progress=progress, desc=f"eval {dataset}/{rule}")
+    result = evaluate(method, loader, rule=rule, progress=progress, desc=f"eval {dataset}/{rule}")
     skipped = loader.dataset.num_skipped
     result.update(num_classes=len(split.classnames), skipped_images=skipped)
     if skipped:
@@ -217,21 +288,60 @@ def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: s
     return result
 
 
-def remember_training_classes(method: Method, run_dir: str | Path) -> None:
-    """Tell ``method`` which classes the prompt saved in ``run_dir`` was trained on (from ``run.json``)."""
-    info_path = Path(run_dir) / "run.json"
-    try:
-        classnames = json.loads(info_path.read_text())["classnames"]
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
-        raise AlignedNormError(f"{info_path}: cannot read the training class names ({exc!r}); "
-                               "expected the run.json written by training") from exc
-    method.set_trained_classnames(classnames, run_dir)
+@dataclass
+class TrainedRun:
+    """A method rebuilt from its run folder, with what the folder recorded."""
+
+    method: Method
+    info: dict
+    config: DictConfig
+    run_dir: Path
+
+    @property
+    def data_config(self):
+        return build(self.info["method"], self.config)[2]
 
 
-def _run_info(spec: RunSpec, split: D.DatasetSplits, backbone: ClipBackbone) -> dict:
+def load_run(run_dir: str | Path, backbone: ClipBackbone | None = None, clip: str | Path | None = None,
+             device: str | torch.device | None = None) -> TrainedRun:
+    """Rebuild the method trained in ``run_dir`` (used by protocols, ``predict`` and ``alignednorm.load``).
+
+    Args:
+        run_dir: a training run folder (``run.json``, ``config.yaml``, ``learnable.safetensors``).
+        backbone: an already loaded backbone; its file must be the one the run recorded.
+        clip: the backbone file when it moved since training (its SHA-256 must match).
+        device: where to put a backbone loaded here (default CPU).
+    """
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    cfg = load_run_config(info["method"], run_dir / "config.yaml")
+    if backbone is None:
+        backbone = ClipBackbone.from_file(_checked_clip(run_dir, info, clip), info.get("clip_model"))
+        backbone = backbone.to(device or "cpu")
+    method = create_method(info["method"], backbone, build(info["method"], cfg)[0])
+    method = method.to(next(backbone.parameters()).device)
+    if method.learnable_parameters():
+        weights = run_dir / "learnable.safetensors"
+        method.load_learnable_state_dict(load_tensors(weights), source=str(weights))
+        method.set_trained_classnames(info["classnames"], run_dir)
+    return TrainedRun(method.eval(), info, cfg, run_dir)
+
+
+def _checked_clip(run_dir: Path, info: dict, clip: str | Path | None) -> Path:
+    clip_path = Path(clip or info["clip"])
+    if not clip_path.is_file():
+        raise CheckpointError(f"backbone {clip_path} (recorded in {run_dir / 'run.json'}) does not exist; "
+                              "pass clip=... / --clip")
+    if file_sha256(clip_path) != info["clip_sha256"]:
+        raise CheckpointError(f"backbone {clip_path} is not the one the run was trained with "
+                              f"(SHA-256 differs from {run_dir / 'run.json'})")
+    return clip_path
+
+
+def _run_info(spec: RunSpec, split: D.DatasetSplits, identity: dict) -> dict:
     return {
         "method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "train_subset": spec.train_subset,
         "classnames": split.classnames, "template": D.get_dataset(spec.dataset).template,
-        "clip": str(Path(spec.clip).resolve()), "clip_model": spec.clip_model, "clip_sha256": file_sha256(spec.clip),
-        "torch": torch.__version__,
+        "clip": str(Path(spec.clip).resolve()), "clip_model": spec.clip_model, "clip_sha256": identity["clip_sha256"],
+        "torch": torch.__version__, "identity": identity,
     }

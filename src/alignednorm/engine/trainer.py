@@ -1,4 +1,4 @@
-"""A generic training loop: any method's ``training_step``, AdamW, warm-up + cosine, resume.
+"""A generic training loop: any method's ``training_step``, AdamW/Adam/SGD, warm-up + cosine, resume.
 
 The trainer knows nothing about methods: it back-propagates ``loss`` from the dict a method
 returns and logs every term. Each epoch ends with an atomic checkpoint (learned tensors,
@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +25,12 @@ from alignednorm.engine import distributed
 from alignednorm.engine.io import save_torch
 from alignednorm.engine.tracking import RunTracker
 from alignednorm.errors import AlignedNormError, ConfigError
-from alignednorm.methods.base import Method
+from alignednorm.methods.base import Method, StepState
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 class TrainingDiverged(AlignedNormError):
@@ -43,11 +44,19 @@ class TrainConfig:
     Attributes:
         epochs: training epochs (OPTIM.MAX_EPOCH).
         batch_size: images per optimiser step, before accumulation (DATALOADER.TRAIN_X.BATCH_SIZE).
-        lr: peak learning rate of AdamW (OPTIM.LR).
-        weight_decay: AdamW weight decay (OPTIM.WEIGHT_DECAY; Dassl's default 5e-4).
+        optimizer: ``adamw``, ``adam`` or ``sgd`` (OPTIM.NAME).
+        lr: peak learning rate (OPTIM.LR).
+        weight_decay: weight decay (OPTIM.WEIGHT_DECAY; Dassl's default 5e-4); decoupled for AdamW,
+            an L2 term in the gradient for Adam and SGD, as torch (and Dassl) apply them.
+        momentum: SGD momentum (OPTIM.MOMENTUM).
+        sgd_dampening: SGD dampening (OPTIM.SGD_DAMPNING).
+        sgd_nesterov: Nesterov momentum (OPTIM.SGD_NESTEROV).
+        adam_beta1, adam_beta2: Adam/AdamW betas (OPTIM.ADAM_BETA1/2).
+        adam_eps: Adam/AdamW epsilon (torch's default 1e-8; some official codes set their own).
         warmup_epochs: epochs at the constant ``warmup_lr`` before the cosine (OPTIM.WARMUP_EPOCH).
         warmup_lr: the constant warm-up learning rate (OPTIM.WARMUP_CONS_LR).
-        precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + loss scaling).
+        precision: ``auto`` (fp16 autocast with loss scaling on CUDA, as the official ``PREC: amp``;
+            fp32 elsewhere), ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + loss scaling).
         grad_accum: micro-batches accumulated per optimiser step.
         seed: seeds sampling order, augmentation and initialisation.
         num_workers: data-loading worker processes.
@@ -58,11 +67,18 @@ class TrainConfig:
 
     epochs: int = 5
     batch_size: int = 4
+    optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 5e-4
+    momentum: float = 0.9
+    sgd_dampening: float = 0.0
+    sgd_nesterov: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
-    precision: str = "fp32"
+    precision: str = "auto"
     grad_accum: int = 1
     seed: int = 1
     num_workers: int = 0
@@ -71,8 +87,19 @@ class TrainConfig:
     wandb_project: str = ""
 
     def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"train.{f.name} = {value!r}; expected a finite number")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision = {self.precision!r}; expected one of {PRECISIONS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer = {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        for name in ("momentum", "sgd_dampening", "adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0 + (name == "sgd_dampening"):
+                raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected a value in [0, 1)")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"train.adam_eps = {self.adam_eps!r}; expected a value > 0")
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected an integer >= 1")
@@ -86,6 +113,24 @@ def lr_at_epoch(config: TrainConfig, epoch: int) -> float:
     if epoch < config.warmup_epochs:
         return config.warmup_lr
     return 0.5 * config.lr * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / config.epochs))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is fp16 with loss scaling on CUDA and fp32 elsewhere; named precisions stay."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimiser named by ``config.optimizer`` with Dassl's settings."""
+    betas = (config.adam_beta1, config.adam_beta2)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               dampening=config.sgd_dampening, nesterov=config.sgd_nesterov)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, betas=betas, eps=config.adam_eps, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, betas=betas, eps=config.adam_eps, weight_decay=config.weight_decay)
 
 
 def seed_everything(seed: int) -> None:
@@ -111,8 +156,9 @@ class Trainer:
         self.progress = progress
         self.device = next(method.backbone.parameters()).device
         params = method.learnable_parameters()
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay) if params else None
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.optimizer = build_optimizer(config, params) if params else None
+        self.precision = resolve_precision(config.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if config.batch_size % distributed.world_size():
             raise ConfigError(f"train.batch_size = {config.batch_size} must be divisible by the "
                               f"{distributed.world_size()} processes of this distributed run")
@@ -163,7 +209,7 @@ class Trainer:
                           collate_fn=skip_none_collate)
 
     def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
     def _check_finite(self, terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
@@ -185,13 +231,17 @@ class Trainer:
         last: dict = {}
         try:
             for epoch in range(self.start_epoch, self.config.epochs):
+                self.method.on_epoch_start(self.step_state(epoch, 0))
                 last = self._train_epoch(dataset, epoch)
-                self.method.on_epoch_end(epoch, self.config.epochs)
+                self.method.on_epoch_end(self.step_state(epoch, 0))
                 self.save_checkpoint(epoch)
                 distributed.barrier()  # nobody starts the next epoch before the checkpoint exists
         finally:
             self.tracker.close()
         return last
+
+    def step_state(self, epoch: int, step: int) -> StepState:
+        return StepState(epoch=epoch, max_epochs=self.config.epochs, step=step, global_step=self.global_step)
 
     def _train_epoch(self, dataset: Dataset, epoch: int) -> dict:
         seed_everything(self.config.seed * 1_000 + epoch)  # augmentation RNG depends on (seed, epoch) only
@@ -207,7 +257,8 @@ class Trainer:
                 continue
             images, labels = batch
             with self._autocast():
-                terms = self.method.training_step((images.to(self.device), labels.to(self.device)))
+                terms = self.method.training_step((images.to(self.device), labels.to(self.device)),
+                                                  self.step_state(epoch, step))
             self._check_finite(terms, epoch, step)
             self.scaler.scale(terms["loss"] / self.config.grad_accum).backward()
             if (step + 1) % self.config.grad_accum == 0 or step + 1 == len(loader):
@@ -227,7 +278,7 @@ class Trainer:
     def _optimizer_step(self, epoch: int, step: int) -> None:
         distributed.average_gradients(self.method.learnable_parameters())
         self.scaler.unscale_(self.optimizer)
-        if self.config.precision != "fp16":  # under fp16 the scaler skips steps with inf gradients
+        if self.precision != "fp16":  # under fp16 the scaler skips steps with inf gradients
             for p in self.method.learnable_parameters():
                 if p.grad is not None and not torch.isfinite(p.grad).all():
                     raise TrainingDiverged(

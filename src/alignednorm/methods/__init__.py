@@ -4,9 +4,13 @@ import importlib
 import pkgutil
 
 from alignednorm.methods.base import (
+    RULES,
     Method,
     MethodConfig,
     Outputs,
+    StepState,
+    check_config_keys,
+    check_rule,
     create_method,
     get_method_class,
     list_methods,
@@ -19,6 +23,6 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "Method", "MethodConfig", "Outputs", "create_method", "get_method_class", "list_methods", "make_config",
-    "register_method",
+    "RULES", "Method", "MethodConfig", "Outputs", "StepState", "check_config_keys", "check_rule", "create_method",
+    "get_method_class", "list_methods", "make_config", "register_method",
 ]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from alignednorm.backbone.hooks import Trace
+from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.errors import ConfigError
 from alignednorm.losses.norm_alignment import PROJ_FORMS, TOKEN_FORMS, proj_alignment, stack_layers, token_alignment
 from alignednorm.methods.base import check_range, register_method
@@ -82,13 +82,13 @@ class AlignedNorm(MMRLpp):
             terms["l_proj_ln_logged"] = LOGGED_ONLY_WEIGHT * terms["l_proj_ln"]
         return terms
 
-    def compute_terms(self, images: Tensor, labels: Tensor, trace: Trace | None = None,
-                      text_trace: Trace | None = None):
-        trace = trace or Trace()
-        trace.record_hidden = trace.record_attn_out = True
-        outputs = self(images, trace=trace, text_trace=text_trace)
+    def compute_terms(self, images: Tensor, labels: Tensor, trace: Traces | None = None):
+        trace = trace or Traces()
+        image = trace.image = trace.image or Trace(layers=tuple(self.config.rep_layers))
+        image.record_hidden = image.record_attn_out = True
+        outputs = self(images, rule="seen", trace=trace)
         terms = self.task_terms(outputs, images, labels)
-        terms.update(self.alignment_terms(outputs, trace))
+        terms.update(self.alignment_terms(outputs, image))
         cfg = self.config
         terms["l_token_weighted"] = cfg.token_align_weight * terms["l_token"]
         terms["l_proj_weighted"] = cfg.proj_align_weight * terms["l_proj"]

@@ -7,8 +7,10 @@ interface below, so adding a method never touches them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -16,9 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from alignednorm.backbone.clip import ClipBackbone
+from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.errors import CheckpointError, ConfigError, state_mismatch
+from alignednorm.prompts.label_space import DEFAULT_TEMPLATE, LabelSpace, frozen_class_embeddings
 
-SUBSETS = ("all", "base", "new")
+# Inference rules: the classes asked about are the ones the prompt was trained on (``seen``),
+# others (``unseen``), or a mix / not known (``any``). Decoupled methods (MMRL++) read it.
+RULES = ("seen", "unseen", "any")
 
 
 @dataclass
@@ -29,6 +35,10 @@ class MethodConfig:
         """Raise :class:`ConfigError` naming the field when a value is out of range."""
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{type(self).__qualname__}.{f.name} = {value!r}; expected a finite number")
         self.validate()
 
 
@@ -45,7 +55,7 @@ class Outputs:
     """A method's forward result.
 
     Attributes:
-        logits: ``(B, C)`` logits of the inference rule for the requested subset.
+        logits: ``(B, C)`` logits of the inference rule asked for.
         features: ``(B, E)`` the L2-normalised image feature the inference rule uses.
         branches: named extra tensors (e.g. ``z_c``, ``z_p``, ``logits_rep``) for losses and analyses.
     """
@@ -55,12 +65,32 @@ class Outputs:
     branches: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StepState:
+    """Where training is when the trainer calls a method (0-based counters)."""
+
+    epoch: int = 0
+    max_epochs: int = 1
+    step: int = 0
+    global_step: int = 0
+
+
+def check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ConfigError(f"inference rule {rule!r} is not one of {RULES} (seen: the classes the prompt was trained "
+                          "on; unseen: other classes; any: a mix or unknown)")
+    return rule
+
+
 class Method(nn.Module):
     """Base class: a frozen :class:`ClipBackbone` plus the method's learnable modules.
 
-    Subclasses implement ``set_classnames`` and ``forward``, and ``training_step`` when they
-    learn anything. Parameters that require gradients are the learnable state; everything
-    in ``backbone`` is frozen.
+    Subclasses implement ``forward(images, rule, trace)`` and, when their class embeddings are not
+    the frozen CLIP ones, ``compute_text_features``; ``training_step`` when they learn anything.
+    Parameters that require gradients are the learnable state; everything in ``backbone`` is frozen.
+
+    Text features are cached by the base class and recomputed after any of: a new label space,
+    a switch of train/eval mode, a load of learned tensors, a config override.
     """
 
     name: ClassVar[str] = ""
@@ -68,38 +98,85 @@ class Method(nn.Module):
     # True when learned tensors are tied to the class list (e.g. CoOp's class-specific contexts):
     # such a prompt only works for exactly the classes, in the order, it was trained on.
     class_specific: ClassVar[bool] = False
+    # Shown in `list methods` and report rows (e.g. "unofficial reconstruction").
+    note: ClassVar[str] = ""
+    # False for methods that learn nothing (zero-shot CLIP): a run only evaluates them.
+    learns: ClassVar[bool] = True
 
     def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None):
         super().__init__()
         self.backbone = backbone
         self.config = config if config is not None else self.Config()
-        self.classnames: list[str] = []
-        self.template = "a photo of a {}."
+        self.label_space: LabelSpace | None = None
         # The classes the learned prompt was trained on (set by the trainer or when loading a run).
         self.trained_classnames: list[str] | None = None
         self.trained_source = "the trained prompt"
+        self._text_cache: Tensor | None = None
+        self._frozen_text: tuple[LabelSpace, Tensor] | None = None
+
+    # ------------------------------------------------------------------ label space
+    def set_label_space(self, space: LabelSpace) -> None:
+        """Set what the method classifies among; subclasses react in :meth:`on_label_space`."""
+        self.label_space = space
+        self.invalidate_text_cache()
+        self.on_label_space(space)
+
+    def set_classnames(self, classnames: list[str], templates: str | list[str] = DEFAULT_TEMPLATE) -> None:
+        """Shorthand for :meth:`set_label_space` with class names and template(s) only."""
+        self.set_label_space(LabelSpace(tuple(classnames), templates))
+
+    def on_label_space(self, space: LabelSpace) -> None:
+        """Hook: tokenise prompts, register class-dependent buffers."""
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.label_space.classnames) if self.label_space is not None else []
+
+    def _require_label_space(self) -> LabelSpace:
+        if self.label_space is None:
+            raise ConfigError(f"method {self.name!r} has no label space yet; call set_label_space / set_classnames")
+        return self.label_space
+
+    # ------------------------------------------------------------------ text features
+    def invalidate_text_cache(self) -> None:
+        self._text_cache = None
+
+    def text_features(self, trace: Trace | None = None) -> Tensor:
+        """Class embeddings ``(C, E)`` (not necessarily normalised), cached while nothing can change them.
+
+        Recomputed in training mode, when a trace is asked for, or when gradients could flow to
+        learnable tensors; otherwise the cached (detached) value serves every batch.
+        """
+        self._require_label_space()
+        fresh = self.training or trace is not None or (torch.is_grad_enabled() and bool(self.learnable_parameters()))
+        if fresh:
+            return self.compute_text_features(trace)
+        if self._text_cache is None:
+            self._text_cache = self.compute_text_features(None).detach()
+        return self._text_cache
+
+    def compute_text_features(self, trace: Trace | None = None) -> Tensor:
+        """The method's class embeddings; the default is frozen CLIP's (template ensemble)."""
+        return self.frozen_text_features()
+
+    def frozen_text_features(self) -> Tensor:
+        """L2-normalised frozen CLIP class embeddings ``(C, E)`` over the label space's templates, once per space."""
+        space = self._require_label_space()
+        if self._frozen_text is None or self._frozen_text[0] != space:
+            self._frozen_text = (space, frozen_class_embeddings(self.backbone, space))
+        return self._frozen_text[1]
+
+    @property
+    def logit_scale(self) -> float:
+        """The temperature CLIP was trained with, ``exp(logit_scale)``; methods may fix their own."""
+        return float(self.backbone.model.logit_scale.exp())
 
     # ------------------------------------------------------------------ interface
-    def set_classnames(self, classnames: list[str], template: str = "a photo of a {}.") -> None:
-        """Set the label space; ``template`` has one ``{}`` for the class name."""
-        if not classnames:
-            raise ValueError("set_classnames needs at least one class name")
-        self.classnames = list(classnames)
-        self.template = template
-
-    def prompts(self) -> list[str]:
-        """The class prompts, with ``_`` in class names read as spaces (as CoOp does)."""
-        return [self.template.format(c.replace("_", " ")) for c in self.classnames]
-
-    def set_trained_classnames(self, classnames: list[str], run_dir) -> None:
-        """Record the classes the learned prompt (saved in ``run_dir``) was trained on."""
-        self.trained_classnames, self.trained_source = list(classnames), f"the prompt trained in {run_dir}"
-
     def check_classnames(self, classnames: list[str], rule: str) -> None:
         """Refuse class names the learned prompt cannot serve under inference ``rule``.
 
-        The ``base`` rule (e.g. MMRL++'s representation branch) is only meaningful for the
-        classes the prompt was trained on, and a class-specific prompt only for exactly those.
+        The ``seen`` rule (e.g. MMRL++'s fused logits) is only meaningful for the classes the
+        prompt was trained on, and a class-specific prompt only for exactly those.
         """
         trained, source = self.trained_classnames, self.trained_source
         if trained is None or list(classnames) == list(trained):
@@ -109,34 +186,59 @@ class Method(nn.Module):
                 f"class names do not match {source}: method {self.name!r} learns one prompt per class and was "
                 f"trained on {len(trained)} classes {_preview(trained)}, but {len(classnames)} classes were given "
                 f"{_preview(classnames)}; pass the training classes in their order")
-        if rule == "base" and set(classnames) != set(trained):
+        if rule == "seen" and not set(classnames) <= set(trained):
             unknown = [c for c in classnames if c not in set(trained)]
-            absent = [c for c in trained if c not in set(classnames)]
             raise CheckpointError(
-                f"class names do not match {source}: the 'base' rule is for the {len(trained)} classes the prompt "
-                f"was trained on, but {len(unknown)} given classes are not among them {_preview(unknown)} and "
-                f"{len(absent)} trained classes are absent {_preview(absent)}; evaluate other classes with the "
-                f"'new' or 'all' rule")
+                f"class names do not match {source}: the 'seen' rule is for the {len(trained)} classes the prompt "
+                f"was trained on, but {len(unknown)} given classes are not among them {_preview(unknown)}; "
+                "evaluate other classes with the 'unseen' or 'any' rule")
 
-    # forward(images, subset="all") -> Outputs is each subclass's own.
+    def forward(self, images: Tensor, rule: str = "any", trace: Traces | None = None) -> Outputs:
+        """Logits of the inference ``rule`` (``seen``/``unseen``/``any``) for ``(B, 3, H, W)`` images."""
+        raise NotImplementedError
 
-    def training_step(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    def training_step(self, batch: tuple[Tensor, Tensor], state: StepState | None = None) -> dict[str, Tensor]:
         """Named loss terms for one batch; the key ``loss`` is what is back-propagated."""
         images, labels = batch
-        loss = nn.functional.cross_entropy(self(images).logits, labels)
+        loss = nn.functional.cross_entropy(self(images, rule="seen").logits, labels)
         return {"loss": loss, "ce": loss.detach()}
 
     @torch.no_grad()
-    def predict(self, images: Tensor, subset: str = "all") -> Tensor:
-        """Logits ``(B, C)`` of the method's inference rule for ``subset`` (base / new / all)."""
-        if subset not in SUBSETS:
-            raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
-        return self(images, subset=subset).logits
+    def predict(self, images: Tensor, rule: str = "any") -> Tensor:
+        """Logits ``(B, C)`` of the method's inference rule (``seen`` / ``unseen`` / ``any``)."""
+        return self(images, rule=check_rule(rule)).logits
 
-    def on_epoch_end(self, epoch: int, max_epochs: int) -> None:
-        """Hook for methods that act between epochs (e.g. PromptSRC's prompt averaging)."""
+    def on_epoch_start(self, state: StepState) -> None:
+        """Hook called before each training epoch (e.g. Nemesis's ω schedule)."""
+
+    def on_epoch_end(self, state: StepState) -> None:
+        """Hook called after each training epoch (e.g. PromptSRC's prompt averaging)."""
+
+    # ------------------------------------------------------------------ test-time settings
+    @contextlib.contextmanager
+    def overridden(self, values: dict | None):
+        """Temporarily replace config fields (test-time knobs), validated like any config."""
+        if not values:
+            yield self
+            return
+        saved = self.config
+        self.config = make_config(self.name, {**dataclasses.asdict(saved), **values})
+        self.invalidate_text_cache()
+        try:
+            yield self
+        finally:
+            self.config = saved
+            self.invalidate_text_cache()
+
+    def train(self, mode: bool = True):
+        self.invalidate_text_cache()  # learned values may change from here on
+        return super().train(mode)
 
     # ------------------------------------------------------------------ state
+    def set_trained_classnames(self, classnames: list[str], run_dir) -> None:
+        """Record the classes the learned prompt (saved in ``run_dir``) was trained on."""
+        self.trained_classnames, self.trained_source = list(classnames), f"the prompt trained in {run_dir}"
+
     def learnable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -153,6 +255,7 @@ class Method(nn.Module):
         with torch.no_grad():
             for k, p in own.items():
                 p.copy_(state[k].to(p.dtype))
+        self.invalidate_text_cache()
 
 
 def _preview(names: list[str], limit: int = 5) -> str:
@@ -188,17 +291,22 @@ def get_method_class(name: str) -> type[Method]:
     return _METHODS[name]
 
 
-def make_config(name: str, values: dict | None = None) -> MethodConfig:
-    """Build method ``name``'s config from a dict, naming unknown keys with suggestions."""
-    cls = get_method_class(name).Config
-    values = dict(values or {})
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
+def check_config_keys(name: str, keys) -> None:
+    """Refuse keys that are not fields of method ``name``'s config, with suggestions."""
+    fields = {f.name for f in dataclasses.fields(get_method_class(name).Config)}
+    for key in keys:
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {key!r} for method {name!r}{hint} (valid: {', '.join(sorted(fields))})")
-    return cls(**values)
+            valid = ", ".join(sorted(fields)) or "none: it has no settings"
+            raise ConfigError(f"unknown key {key!r} for method {name!r}{hint} (valid: {valid})")
+
+
+def make_config(name: str, values: dict | None = None) -> MethodConfig:
+    """Build method ``name``'s config from a dict, naming unknown keys with suggestions."""
+    values = dict(values or {})
+    check_config_keys(name, values)
+    return get_method_class(name).Config(**values)
 
 
 def create_method(name: str, backbone: ClipBackbone, config: MethodConfig | dict | None = None) -> Method:

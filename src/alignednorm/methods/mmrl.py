@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from alignednorm.methods.base import register_method
-from alignednorm.methods.mmrlpp import MMRLpp
+from alignednorm.methods.mmrlpp import MMRLpp, RepresentationConfig
 from alignednorm.prompts.representation import LinearAligner
 
 
@@ -22,14 +22,12 @@ class MMRL(MMRLpp):
     """MMRL with the decoupled (official) or unified inference rule."""
 
     @dataclass
-    class Config(MMRLpp.Config):
-        """MMRL settings; ``prc_beta``, ``res_lora_dim`` and ``proj_lora_dim`` are unused (MMRL replaces)."""
-
-        prc_beta: float = 1.0
+    class Config(RepresentationConfig):
+        """MMRL settings: the shared ones (MMRL replaces tokens at later layers, full aligners and projection)."""
 
     @property
     def prc_beta(self) -> float:
-        return 1.0
+        return 1.0  # plain replacement at the layers after J
 
     def build_aligners(self) -> None:
         cfg, bb = self.config, self.backbone

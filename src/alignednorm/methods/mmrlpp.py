@@ -18,13 +18,52 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alignednorm.backbone.hooks import Trace
+from alignednorm.backbone.hooks import Prefix, Trace, Traces
 from alignednorm.errors import ConfigError
 from alignednorm.losses.anchoring import cosine_anchor
-from alignednorm.methods.base import Method, MethodConfig, Outputs, check_range, register_method
+from alignednorm.methods.base import Method, MethodConfig, Outputs, StepState, check_range, register_method
+from alignednorm.prompts.label_space import LabelSpace
 from alignednorm.prompts.representation import ResidualAligner, representation_hook
 
 INFERENCE_RULES = ("decoupled", "unified")
+
+
+@dataclass
+class RepresentationConfig(MethodConfig):
+    """Settings MMRL and MMRL++ share (official config keys in brackets).
+
+    Attributes:
+        n_rep_tokens: representation tokens n (N_REP_TOKENS).
+        rep_layers: 1-based blocks whose input carries the tokens, ascending (REP_LAYERS).
+        rep_dim: width r of the shared representation space (REP_DIM).
+        class_branch_weight: weight of the class-token branch in the fused logits and in the
+            cross-entropy (ALPHA; the AlignedNorm paper's α is 1 − this).
+        reg_weight: weight λ of both cosine anchors to frozen CLIP (REG_WEIGHT).
+        inference: ``decoupled`` (seen classes: fused logits; unseen or mixed: class branch, as the
+            official code) or ``unified`` (fused logits for every sample).
+        logit_scale: the constant the official code multiplies cosines by (100, which is OpenAI
+            CLIP's learned scale); ``None`` uses the backbone's own ``exp(logit_scale)``, right for
+            CLIPs trained with another temperature (the mini benchmark's).
+    """
+
+    n_rep_tokens: int = 5
+    rep_layers: list[int] = field(default_factory=lambda: list(range(6, 13)))
+    rep_dim: int = 512
+    class_branch_weight: float = 0.7
+    reg_weight: float = 1.0
+    inference: str = "decoupled"
+    logit_scale: float | None = 100.0
+
+    def validate(self) -> None:
+        for name in ("n_rep_tokens", "rep_dim"):
+            check_range(self, name, 1)
+        check_range(self, "class_branch_weight", 0.0, 1.0)
+        check_range(self, "reg_weight", 0.0)
+        layers = list(self.rep_layers)
+        if not layers or layers != list(range(layers[0], layers[0] + len(layers))) or layers[0] < 1:
+            raise ConfigError(f"rep_layers = {layers}; expected ascending consecutive 1-based layers")
+        if self.inference not in INFERENCE_RULES:
+            raise ConfigError(f"inference = {self.inference!r}; expected one of {INFERENCE_RULES}")
 
 
 @register_method("mmrlpp")
@@ -32,51 +71,28 @@ class MMRLpp(Method):
     """MMRL++ with the decoupled (official) or unified inference rule."""
 
     @dataclass
-    class Config(MethodConfig):
-        """MMRL++ settings (official config keys in brackets).
+    class Config(RepresentationConfig):
+        """MMRL++ settings: MMRL's plus the shared-residual aligner and progressive mixing.
 
         Attributes:
-            n_rep_tokens: representation tokens n (N_REP_TOKENS).
-            rep_layers: 1-based blocks whose input carries the tokens, ascending (REP_LAYERS).
-            rep_dim: width r of the shared representation space (REP_DIM).
             res_lora_dim: rank of each layer's aligner residual (RES_LORA_DIM).
             proj_lora_dim: rank of the representation branch's projection adapter (PROJ_LORA_DIM).
-            class_branch_weight: weight of the class-token branch in the fused logits and in the
-                cross-entropy (ALPHA; the AlignedNorm paper's α is 1 − this).
             prc_beta: weight of the freshly mapped tokens when mixing at layers after J (BETA).
-            reg_weight: weight λ of both cosine anchors to frozen CLIP (REG_WEIGHT).
-            inference: ``decoupled`` (base: fused logits, new/other: class branch, as the official
-                code) or ``unified`` (fused logits for every sample).
-            logit_scale: the constant the official code multiplies cosines by (100, which is OpenAI
-                CLIP's learned scale); ``None`` uses the backbone's own ``exp(logit_scale)``, right for
-                CLIPs trained with another temperature (the mini benchmark's).
         """
 
-        n_rep_tokens: int = 5
-        rep_layers: list[int] = field(default_factory=lambda: list(range(6, 13)))
-        rep_dim: int = 512
         res_lora_dim: int = 4
         proj_lora_dim: int = 64
-        class_branch_weight: float = 0.7
         prc_beta: float = 0.9
-        reg_weight: float = 1.0
-        inference: str = "decoupled"
-        logit_scale: float | None = 100.0
 
         def validate(self) -> None:
-            for name in ("n_rep_tokens", "rep_dim", "res_lora_dim", "proj_lora_dim"):
+            super().validate()
+            for name in ("res_lora_dim", "proj_lora_dim"):
                 check_range(self, name, 1)
-            for name in ("class_branch_weight", "prc_beta"):
-                check_range(self, name, 0.0, 1.0)
-            check_range(self, "reg_weight", 0.0)
-            layers = list(self.rep_layers)
-            if not layers or layers != list(range(layers[0], layers[0] + len(layers))) or layers[0] < 1:
-                raise ConfigError(f"rep_layers = {layers}; expected ascending consecutive 1-based layers")
-            if self.inference not in INFERENCE_RULES:
-                raise ConfigError(f"inference = {self.inference!r}; expected one of {INFERENCE_RULES}")
+            check_range(self, "prc_beta", 0.0, 1.0)
 
     def __init__(self, backbone, config=None):
         super().__init__(backbone, config)
+        backbone.require_vit(f"method {self.name!r}")
         cfg = self.config
         depth = min(backbone.vision_layers, backbone.text_layers)
         if max(cfg.rep_layers) > depth:
@@ -84,7 +100,6 @@ class MMRLpp(Method):
         self.rep_tokens = nn.Parameter(torch.randn(cfg.n_rep_tokens, cfg.rep_dim) * 0.02)
         self.build_aligners()
         self.build_rep_projection()
-        self._text_cache: Tensor | None = None
 
     # ------------------------------------------------------------------ modules
     def build_aligners(self) -> None:
@@ -105,7 +120,7 @@ class MMRLpp(Method):
     @property
     def logit_scale(self) -> float:
         if self.config.logit_scale is None:
-            return float(self.backbone.model.logit_scale.exp())
+            return super().logit_scale
         return self.config.logit_scale
 
     @property
@@ -118,46 +133,30 @@ class MMRLpp(Method):
         return self.config.prc_beta
 
     # ------------------------------------------------------------------ class names
-    def set_classnames(self, classnames: list[str], template: str = "a photo of a {}.") -> None:
-        super().set_classnames(classnames, template)
-        device = self.rep_tokens.device
-        ids = self.backbone.tokenize(self.prompts()).to(device)
+    def on_label_space(self, space: LabelSpace) -> None:
+        ids = self.backbone.tokenize(space.prompts()).to(self.rep_tokens.device)
         self.register_buffer("token_ids", ids, persistent=False)
-        with torch.no_grad():
-            frozen = self.backbone.encode_text(ids).features
-            # Blocks before J see no prompts: their output for these class prompts never changes.
-            prefix = self.backbone.text_prefix(ids, self.first_layer)
-        self.register_buffer("frozen_text_features", F.normalize(frozen, dim=-1), persistent=False)
+        with torch.no_grad():  # blocks before J see no prompts: their output for these prompts never changes
+            prefix = self.backbone.text_prefix(ids, self.first_layer).states
         self.register_buffer("text_prefix", prefix, persistent=False)
-        self._text_cache = None
-
-    def train(self, mode: bool = True):
-        self._text_cache = None  # learned values may change from here on
-        return super().train(mode)
-
-    def load_learnable_state_dict(self, state, source="checkpoint"):
-        super().load_learnable_state_dict(state, source)
-        self._text_cache = None
 
     # ------------------------------------------------------------------ forward
     def mapped_tokens(self) -> tuple[Tensor, Tensor]:
         """Vision ``(K, n, W_v)`` and text ``(K, n, W_t)`` tokens for every prompted layer."""
         return self.vision_aligner(self.rep_tokens), self.text_aligner(self.rep_tokens)
 
-    def text_features(self, text_tokens: Tensor, trace: Trace | None = None) -> Tensor:
-        """Prompted text features ``(C, E)``, not normalised."""
-        hook = representation_hook(text_tokens, list(self.config.rep_layers), self.prc_beta)
-        if trace is not None:  # a full pass, so the trace holds every layer
-            return self.backbone.encode_text(self.token_ids, hook=hook, trace=trace).features
-        return self.backbone.encode_text(self.token_ids, hook=hook, embeddings=self.text_prefix,
-                                         start_layer=self.first_layer).features
+    def compute_text_features(self, trace: Trace | None = None) -> Tensor:
+        """Prompted text features ``(C, E)``, not normalised (a full pass when traced)."""
+        hook = representation_hook(self.text_aligner(self.rep_tokens), list(self.config.rep_layers), self.prc_beta)
+        prefix = None if trace is not None else Prefix(self.first_layer, self.text_prefix)
+        return self.backbone.encode_text(self.token_ids, hook=hook, trace=trace, prefix=prefix).features
 
     def image_branches(self, images: Tensor, vision_tokens: Tensor, trace: Trace | None = None) -> dict[str, Tensor]:
         """``z_c`` and ``z_p`` ``(B, E)`` before normalisation, plus the ``ln_post`` inputs to them."""
         hook = representation_hook(vision_tokens, list(self.config.rep_layers), self.prc_beta)
         with torch.no_grad():  # nothing learnable acts before J
             prefix = self.backbone.image_prefix(images, self.first_layer, trace)
-        out = self.backbone.encode_image(hidden=prefix, start_layer=self.first_layer, hook=hook, trace=trace)
+        out = self.backbone.encode_image(hook=hook, trace=trace, prefix=prefix)
         n, start = self.config.n_rep_tokens, out.prompt_start
         rep_ln_mean = out.tokens[:, start : start + n].mean(dim=1)  # ln_post per token, then mean
         return {
@@ -165,34 +164,25 @@ class MMRLpp(Method):
             "z_p": rep_ln_mean @ self.rep_projection(),
             "cls_ln_post": out.tokens[:, 0],
             "rep_ln_post_mean": rep_ln_mean,
-            "image_prefix": prefix,
+            "image_prefix": prefix.states,
         }
 
-    def forward(self, images: Tensor, subset: str = "all", trace: Trace | None = None,
-                text_trace: Trace | None = None) -> Outputs:
-        vision_tokens, text_tokens = self.mapped_tokens()
-        if self.training or self._text_cache is None or text_trace is not None:
-            text = self.text_features(text_tokens, text_trace)
-            if not self.training:
-                self._text_cache = text.detach()
-        else:
-            text = self._text_cache
-        branches = self.image_branches(images, vision_tokens, trace)
+    def forward(self, images: Tensor, rule: str = "any", trace: Traces | None = None) -> Outputs:
+        trace = trace or Traces()
+        text = self.text_features(trace.text)
+        branches = self.image_branches(images, self.vision_aligner(self.rep_tokens), trace.image)
         f_c, f_p = (F.normalize(branches["z_c"], dim=-1), F.normalize(branches["z_p"], dim=-1))
         w = F.normalize(text, dim=-1)
         scale, alpha = self.logit_scale, self.config.class_branch_weight
         logits_cls, logits_rep = scale * f_c @ w.t(), scale * f_p @ w.t()
         logits_fusion = alpha * logits_cls + (1 - alpha) * logits_rep
-        branches.update(
-            f_c=f_c, f_p=f_p, text_features=w, text_features_unnorm=text, logits_cls=logits_cls,
-            logits_rep=logits_rep, logits_fusion=logits_fusion, rep_tokens_visual=vision_tokens,
-            rep_tokens_text=text_tokens,
-        )
-        return Outputs(logits=self.select_logits(branches, subset), features=f_c, branches=branches)
+        branches.update(f_c=f_c, f_p=f_p, text_features=w, text_features_unnorm=text, logits_cls=logits_cls,
+                        logits_rep=logits_rep, logits_fusion=logits_fusion)
+        return Outputs(logits=self.select_logits(branches, rule), features=f_c, branches=branches)
 
-    def select_logits(self, branches: dict[str, Tensor], subset: str) -> Tensor:
-        """Decoupled: fused logits for base classes, class branch otherwise; unified: fused always."""
-        if self.config.inference == "unified" or subset == "base":
+    def select_logits(self, branches: dict[str, Tensor], rule: str) -> Tensor:
+        """Decoupled: fused logits for seen classes, class branch otherwise; unified: fused always."""
+        if self.config.inference == "unified" or rule == "seen":
             return branches["logits_fusion"]
         return branches["logits_cls"]
 
@@ -201,24 +191,24 @@ class MMRLpp(Method):
         """MMRL++'s loss: weighted CE of both branches + λ·(image and text cosine anchors)."""
         b, alpha, lam = outputs.branches, self.config.class_branch_weight, self.config.reg_weight
         with torch.no_grad():  # the frozen teacher continues from the shared prompt-free prefix
-            frozen = self.backbone.encode_image(hidden=b["image_prefix"], start_layer=self.first_layer).features
+            frozen = self.backbone.encode_image(prefix=Prefix(self.first_layer, b["image_prefix"])).features
             frozen_image = F.normalize(frozen, dim=-1)
         ce_cls = F.cross_entropy(b["logits_cls"], labels)
         ce_rep = F.cross_entropy(b["logits_rep"], labels)
         reg_img = lam * cosine_anchor(b["f_c"], frozen_image)
-        reg_text = lam * cosine_anchor(b["text_features"], self.frozen_text_features)
+        reg_text = lam * cosine_anchor(b["text_features"], self.frozen_text_features())
         task = alpha * ce_cls + (1 - alpha) * ce_rep
         acc = (b["logits_fusion"].argmax(-1) == labels).float().mean() * 100
         return {"ce_cls": ce_cls, "ce_rep": ce_rep, "task": task, "reg_img": reg_img, "reg_text": reg_text,
                 "acc": acc.detach()}
 
-    def compute_terms(self, images: Tensor, labels: Tensor, trace: Trace | None = None,
-                      text_trace: Trace | None = None) -> tuple[dict[str, Tensor], Outputs]:
+    def compute_terms(self, images: Tensor, labels: Tensor, trace: Traces | None = None
+                      ) -> tuple[dict[str, Tensor], Outputs]:
         """The loss terms and the outputs they came from (traces filled when given)."""
-        outputs = self(images, trace=trace, text_trace=text_trace)
+        outputs = self(images, rule="seen", trace=trace)
         terms = self.task_terms(outputs, images, labels)
         terms["loss"] = terms["task"] + terms["reg_img"] + terms["reg_text"]
         return terms, outputs
 
-    def training_step(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    def training_step(self, batch: tuple[Tensor, Tensor], state: StepState | None = None) -> dict[str, Tensor]:
         return self.compute_terms(*batch)[0]

@@ -2,23 +2,23 @@
 
 Per seed, one training run on the suite's source dataset (ImageNet in the paper) with all classes
 and 16 shots, using the preset's ``crossdataset`` section. Its prompt is then evaluated, without
-re-training, on the source (all classes, ``predict(subset="base")``: the official code uses the fused
-logits on ImageNet itself) and on every target (all classes, ``subset="all"``: MMRL++'s class
-branch, fused logits for unified methods). Each target is evaluated with its official test-time
-``prc_beta`` from the preset's ``targets`` map when the method has one.
+re-training, on the source (all classes, rule ``seen``: the official code uses the fused logits on
+ImageNet itself) and on every target (all classes, rule ``unseen``: MMRL++'s class branch, fused
+logits for unified methods). Each target is evaluated with the test-time method settings of the
+preset's ``targets`` map (MMRL++'s official per-target ``prc_beta``) when it has one.
 """
 
 from __future__ import annotations
 
 from alignednorm.errors import ConfigError
 
-from .runner import EvalStep, Evaluation, Job, SweepRequest, canonical_datasets, target_betas
+from .runner import EvalStep, Evaluation, Job, SweepRequest, canonical_datasets, target_overrides
 
 PROTOCOL = "crossdataset"
 TRAIN_PROTOCOL = "crossdataset"  # domain generalisation evaluates this same training run
 DEFAULT_SHOTS = (16,)
-SOURCE_EVALUATIONS = (Evaluation("all", classes="all", rule="base"),)
-TARGET_EVALUATIONS = (Evaluation("all", classes="all", rule="all"),)
+SOURCE_EVALUATIONS = (Evaluation("all", classes="all", rule="seen"),)
+TARGET_EVALUATIONS = (Evaluation("all", classes="all", rule="unseen"),)
 
 
 def transfer_jobs(request: SweepRequest, protocol: str, source: str, targets: tuple[str, ...]) -> list[Job]:
@@ -26,13 +26,13 @@ def transfer_jobs(request: SweepRequest, protocol: str, source: str, targets: tu
     source, targets = canonical_datasets([source])[0], canonical_datasets(targets)
     if source in targets:
         raise ConfigError(f"{source!r} is the source of the {protocol} protocol; it cannot also be a target")
-    betas = target_betas(request.method, protocol)
+    overrides = target_overrides(request.method, protocol)
     jobs = []
     for shots in request.shots or DEFAULT_SHOTS:
         for seed in request.seeds:
             eval_root = request.run_dir(TRAIN_PROTOCOL, source, shots, seed) / "eval"
-            steps = [EvalStep(source, str(eval_root / source), SOURCE_EVALUATIONS, betas.get(source), protocol)]
-            steps += [EvalStep(t, str(eval_root / t), TARGET_EVALUATIONS, betas.get(t), protocol) for t in targets]
+            steps = [EvalStep(source, str(eval_root / source), SOURCE_EVALUATIONS, overrides.get(source, {}), protocol)]
+            steps += [EvalStep(t, str(eval_root / t), TARGET_EVALUATIONS, overrides.get(t, {}), protocol) for t in targets]
             jobs.append(request.job(protocol, source, shots, seed, "all", steps, config_protocol=TRAIN_PROTOCOL))
     return jobs
 

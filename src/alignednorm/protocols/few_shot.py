@@ -1,8 +1,8 @@
 """Few-shot learning (paper Tables 4 and 11).
 
 Per dataset, K and seed: train on K shots of every class, then evaluate on the full test set with
-``predict(subset="base")`` semantics, because the official few-shot test uses the fused logits
-(MMRL++'s ``logits_fusion``) for all classes. Every K uses the same epochs (the presets').
+the ``seen`` rule: every test class was trained on, and the official few-shot test uses the fused
+logits (MMRL++'s ``logits_fusion``). Every K uses the same epochs (the presets').
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from .runner import Evaluation, Job, SweepRequest, per_dataset_jobs
 
 PROTOCOL = "fewshot"
 DEFAULT_SHOTS = (1, 2, 4, 8, 16)
-EVALUATIONS = (Evaluation("all", classes="all", rule="base"),)
+EVALUATIONS = (Evaluation("all", classes="all", rule="seen"),)
 
 
 def expand(request: SweepRequest) -> list[Job]:

@@ -19,7 +19,6 @@ variant, suite, training dataset, target, shots and seed, so reports need nothin
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -33,12 +32,22 @@ from omegaconf import OmegaConf
 
 from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
-from alignednorm.config import build, preset_path, resolve_config, to_yaml
+from alignednorm.config import preset_path, resolve_config, to_yaml
 from alignednorm.data.catalog import Suite, get_suite
-from alignednorm.engine.io import load_tensors, write_json, write_text
-from alignednorm.engine.run import RunLock, RunSpec, evaluate_split, execute, remember_training_classes
+from alignednorm.engine.io import write_json, write_text
+from alignednorm.engine.run import (
+    RunLock,
+    RunSpec,
+    TrainedRun,
+    check_identity,
+    evaluate_split,
+    execute,
+    identity_differences,
+    load_run,
+    run_identity,
+)
 from alignednorm.errors import AlignedNormError, ConfigError
-from alignednorm.methods import Method, create_method
+from alignednorm.methods import RULES, check_config_keys
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +62,18 @@ class Evaluation:
     Attributes:
         name: key in ``metrics.json`` (``base``, ``new``, ``all``).
         classes: which classes of the test split are kept and classified among: ``base``, ``new``, ``all``.
-        rule: the ``subset`` passed to ``method.predict``; it picks MMRL++'s decoupled rule
-            (``base``: fused logits, otherwise the class branch). Unified methods ignore it.
+        rule: the inference rule passed to ``method.predict``: ``seen`` (the classes the prompt was
+            trained on), ``unseen`` or ``any``. MMRL++'s decoupled rule reads it (seen: fused logits,
+            otherwise the class branch); unified methods ignore it.
     """
 
     name: str
     classes: str
     rule: str
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"Evaluation.rule must be one of {RULES}, got {self.rule!r}")
 
 
 @dataclass(frozen=True)
@@ -70,16 +84,22 @@ class EvalStep:
         target: catalog name of the dataset evaluated.
         run_dir: the evaluation folder (``<training run>/eval/<target>``).
         evaluations: what is measured there.
-        prc_beta: test-time ``method.prc_beta`` (the official per-target BETA of cross-dataset
-            evaluation); None keeps the trained value.
+        method_overrides: test-time method settings for this target (e.g. MMRL++'s official
+            per-target ``prc_beta`` in cross-dataset evaluation), validated against the method's
+            config; empty keeps the trained values.
         protocol: the protocol that asked for this evaluation.
     """
 
     target: str
     run_dir: str
     evaluations: tuple[Evaluation, ...]
-    prc_beta: float | None = None
+    method_overrides: dict = field(default_factory=dict, hash=False)
     protocol: str = ""
+
+    def settings(self) -> dict:
+        """What determines this step's numbers besides the trained prompt."""
+        return {"target": self.target, "evaluations": [list(vars(e).values()) for e in self.evaluations],
+                "method_overrides": dict(self.method_overrides)}
 
 
 @dataclass
@@ -103,6 +123,7 @@ class Job:
     cache_dir: str | None = None
     device: str = "auto"
     progress: bool = True
+    resume: bool = True
 
     @property
     def name(self) -> str:
@@ -111,7 +132,7 @@ class Job:
     def run_spec(self) -> RunSpec:
         return RunSpec(method=self.method, dataset=self.dataset, data_root=self.data_root, clip=self.clip,
                        output=self.train_dir, config=OmegaConf.create(self.config), shots=self.shots,
-                       train_subset=self.train_subset, evals=[], clip_model=self.clip_model,
+                       train_subset=self.train_subset, clip_model=self.clip_model,
                        cache_dir=self.cache_dir, progress=self.progress)
 
 
@@ -210,8 +231,8 @@ def canonical_datasets(names) -> tuple[str, ...]:
     return tuple(out)
 
 
-def target_betas(method: str, protocol: str) -> dict[str, float]:
-    """The preset's test-time ``prc_beta`` per target (``protocols.<protocol>.targets``), if any."""
+def target_overrides(method: str, protocol: str) -> dict[str, dict]:
+    """The preset's test-time method settings per target (``protocols.<protocol>.targets``), checked."""
     path = preset_path(method)
     if not path.is_file():
         return {}
@@ -219,7 +240,12 @@ def target_betas(method: str, protocol: str) -> dict[str, float]:
     for name in (protocol, "crossdataset"):
         targets = (sections.get(name) or {}).get("targets")
         if targets:
-            return {str(k): float(v) for k, v in targets.items()}
+            for target, values in targets.items():
+                if not isinstance(values, dict):
+                    raise ConfigError(f"{path} protocols.{name}.targets.{target}: expected a mapping of method "
+                                      f"settings, e.g. {{prc_beta: 0.9}}; got {values!r}")
+                check_config_keys(method, values)
+            return {str(k): dict(v) for k, v in targets.items()}
     return {}
 
 
@@ -235,7 +261,7 @@ def load_backbone(job: Job) -> ClipBackbone:
 
 
 def run_job(job: Job, force: bool = False, backbone: ClipBackbone | None = None) -> dict[str, dict]:
-    """Train (unless finished), then run the evaluations not done yet.
+    """Train (unless finished with the same settings; resuming an interrupted run), then evaluate.
 
     Args:
         job: the job.
@@ -245,19 +271,35 @@ def run_job(job: Job, force: bool = False, backbone: ClipBackbone | None = None)
     Returns:
         ``{target: metrics}`` for every evaluation of the job, read back when it was skipped.
     """
+    spec = job.run_spec()
     trained = (Path(job.train_dir) / "metrics.json").is_file() and not force
-    pending = [s for s in job.evals if not trained or not (Path(s.run_dir) / "metrics.json").is_file()]
+    if trained:  # a finished folder with other settings is refused before anything is reused
+        check_identity(Path(job.train_dir), run_identity(spec), "training run")
+    pending = [s for s in job.evals if not trained or not _step_done(s)]
     results = {s.target: _read_metrics(s.run_dir) for s in job.evals if s not in pending}
     if trained and not pending:
         log.info("skipping %s: training and evaluations are finished (use --force to re-run)", job.name)
         return results
     backbone = backbone or load_backbone(job)
-    execute(job.run_spec(), backbone=backbone, force=force)
+    execute(spec, backbone=backbone, force=force, resume=job.resume)
     if pending:
-        method, data_cfg = load_trained(job, backbone)
+        trained_run = load_run(job.train_dir, backbone=backbone)
         for step in pending:
-            results[step.target] = run_eval_step(job, step, method, data_cfg)
+            results[step.target] = run_eval_step(job, step, trained_run)
     return results
+
+
+def _step_done(step: EvalStep) -> bool:
+    """Whether ``step`` has its ``metrics.json``, measured with the same settings (else an error)."""
+    path = Path(step.run_dir) / "metrics.json"
+    if not path.is_file():
+        return False
+    recorded = _read_metrics(step.run_dir).get("settings")
+    diff = identity_differences(recorded or {}, step.settings())
+    if diff:
+        raise AlignedNormError(f"{step.run_dir} holds an evaluation with other settings ({'; '.join(diff[:4])}); "
+                               "pass --force to re-run it")
+    return True
 
 
 def is_finished(job: Job) -> bool:
@@ -265,55 +307,29 @@ def is_finished(job: Job) -> bool:
     return all((Path(d) / "metrics.json").is_file() for d in [job.train_dir, *(s.run_dir for s in job.evals)])
 
 
-def load_trained(job: Job, backbone: ClipBackbone) -> tuple[Method, object]:
-    """The method as trained in ``job.train_dir`` (its ``config.yaml`` and ``learnable.safetensors``)."""
-    train_dir = Path(job.train_dir)
-    cfg = OmegaConf.load(train_dir / "config.yaml")
-    method_cfg, _, data_cfg = build(job.method, cfg)
-    method = create_method(job.method, backbone, method_cfg).to(next(backbone.parameters()).device)
-    if method.learnable_parameters():
-        weights = train_dir / "learnable.safetensors"
-        method.load_learnable_state_dict(load_tensors(weights), source=str(weights))
-        remember_training_classes(method, train_dir)
-    return method, data_cfg
-
-
-@contextlib.contextmanager
-def prc_beta_override(method: Method, value: float | None):
-    """Set ``method.config.prc_beta`` for the duration (methods without it are left alone)."""
-    if value is None or not hasattr(method.config, "prc_beta"):
-        yield
-        return
-    saved = method.config.prc_beta
-    method.config.prc_beta = value
-    try:
-        yield
-    finally:
-        method.config.prc_beta = saved
-
-
-def run_eval_step(job: Job, step: EvalStep, method: Method, data_cfg) -> dict:
-    """Evaluate ``method`` on ``step.target`` and write the step's ``config.yaml`` and ``metrics.json``."""
-    run_dir = Path(step.run_dir)
-    with RunLock(run_dir), prc_beta_override(method, step.prc_beta):
+def run_eval_step(job: Job, step: EvalStep, trained: TrainedRun) -> dict:
+    """Evaluate the trained method on ``step.target``; write the step's ``config.yaml`` and ``metrics.json``."""
+    run_dir, method = Path(step.run_dir), trained.method
+    with RunLock(run_dir), method.overridden(step.method_overrides):
         splits = D.load_splits(step.target, job.data_root)
-        results = {ev.name: _evaluate(job, method, step.target, splits, ev, data_cfg) for ev in step.evaluations}
-        cfg = OmegaConf.load(Path(job.train_dir) / "config.yaml")
-        if step.prc_beta is not None and "prc_beta" in cfg.method:
-            cfg.method.prc_beta = step.prc_beta
+        results = {ev.name: _evaluate(job, trained, step.target, splits, ev) for ev in step.evaluations}
+        cfg = trained.config.copy()
+        for key, value in step.method_overrides.items():
+            cfg.method[key] = value
         write_text(run_dir / "config.yaml", to_yaml(cfg))
         metrics = {
             "protocol": step.protocol or job.protocol, "method": job.method, "variant": job.variant,
             "suite": job.suite, "dataset": job.dataset, "target": step.target, "shots": job.shots, "seed": job.seed,
-            "prc_beta": step.prc_beta, "train_run": str(Path(job.train_dir).resolve()), "eval": results,
+            "method_overrides": dict(step.method_overrides), "settings": step.settings(),
+            "train_run": str(Path(job.train_dir).resolve()), "eval": results,
         }
         write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
-def _evaluate(job: Job, method: Method, target: str, splits: D.DatasetSplits, ev: Evaluation, data_cfg) -> dict:
+def _evaluate(job: Job, trained: TrainedRun, target: str, splits: D.DatasetSplits, ev: Evaluation) -> dict:
     split = D.subsample_classes(splits, ev.classes)
-    result = evaluate_split(method, split, target, ev.rule, data_cfg, job.progress)
+    result = evaluate_split(trained.method, split, target, ev.rule, trained.data_config, job.progress)
     result.update(dataset=target, classes=ev.classes, rule=ev.rule)
     log.info("%s %s %s/%s: %.2f%%", job.name, target, ev.classes, ev.rule, result["accuracy"])
     return result
