@@ -218,6 +218,31 @@ def demo_cmd(
              sets=tuple(sets or ()))
 
 
+@app.command("analyze")
+def analyze_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="trained run folders (any method), compared side by side")],
+    output: Annotated[Path, typer.Option(help="folder for the PNGs, their numbers (JSON, CSV) and index.html")],
+    data_root: DataRoot = None,
+    clip: Annotated[Path | None, typer.Option(help="backbone file, if it moved since training")] = None,
+    max_images: Annotated[int, typer.Option(help="test images per subset (base, new) and run")] = 500,
+    zeroshot: Annotated[bool, typer.Option(help="add zero-shot CLIP as the reference")] = False,
+    tsne: Annotated[bool, typer.Option(help="compute the t-SNE figure (the slowest step)")] = True,
+    seed: Annotated[int, typer.Option(help="draws the image subsets, seeds t-SNE")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    verbose: bool = False,
+) -> None:
+    """Figures of the papers' analyses (norm ratio, per-layer norms, attention, uniformity/tolerance, t-SNE,
+    prompt norms) for trained runs, with their numbers and one self-contained HTML page."""
+    from alignednorm.analyze import AnalysisOptions, analyze_runs
+
+    _setup_logging(verbose)
+    _register_extras()
+    options = AnalysisOptions(data_root=str(data_root) if data_root else None, clip=str(clip) if clip else None,
+                              max_images=max_images, zeroshot=zeroshot, tsne=tsne, seed=seed, device=device)
+    page = analyze_runs(run_dirs, output, options)
+    typer.echo(f"wrote {page}")
+
+
 @app.command("predict")
 def predict_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],

@@ -343,5 +343,6 @@ def _run_info(spec: RunSpec, split: D.DatasetSplits, identity: dict) -> dict:
         "method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "train_subset": spec.train_subset,
         "classnames": split.classnames, "template": D.get_dataset(spec.dataset).template,
         "clip": str(Path(spec.clip).resolve()), "clip_model": spec.clip_model, "clip_sha256": identity["clip_sha256"],
+        "data_root": str(Path(spec.data_root).resolve()),
         "torch": torch.__version__, "identity": identity,
     }

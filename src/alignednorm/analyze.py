@@ -1,0 +1,272 @@
+"""``alignednorm analyze``: the papers' figures for any trained runs, side by side.
+
+For every run folder it rebuilds the trained method (:func:`alignednorm.engine.run.load_run`),
+passes a bounded number of base and new test images of the run's dataset through it with the
+backbone's traces on, and hands what it recorded to :mod:`alignednorm.analysis` (compute) and
+:mod:`alignednorm.analysis.plots` (figures). Nothing here knows a method: a figure that needs a
+quantity a method does not produce (``z_p`` for r(x), vision traces on a ResNet) is skipped with a
+one-line reason. Zero-shot CLIP on the same backbone is the reference when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from alignednorm import data as D
+from alignednorm.backbone.hooks import Trace, Traces
+from alignednorm.data.dataset import skip_none_collate
+from alignednorm.engine.run import TrainedRun, dataset_label_space, load_run
+from alignednorm.errors import AlignedNormError
+from alignednorm.methods import Method, create_method
+
+log = logging.getLogger(__name__)
+
+SUBSETS = (("base", "seen"), ("new", "unseen"))
+ATTENTION_LAYERS = 4  # the last blocks, where the papers look at attention
+OVERLAY_IMAGES = 4
+PROMPT_NORM_TERM = re.compile(r"^prompt_norm\.(\d+)$")  # per-position prompt norms a method logs each step
+
+
+@dataclass
+class SubsetRecord:
+    """What one pass over one subset's test images recorded (batch statistics already averaged)."""
+
+    features: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
+    z_p: list[torch.Tensor] = field(default_factory=list)
+    z_c: list[torch.Tensor] = field(default_factory=list)
+    layer_norms: dict | None = None
+    attention: dict | None = None
+    overlays: tuple[np.ndarray, np.ndarray] | None = None
+    seen: int = 0
+
+    def add_mean(self, name: str, value: dict, weight: int) -> None:
+        """Running mean of dicts of arrays (per-layer norms, attention shares) over batches."""
+        old = getattr(self, name)
+        if old is None:
+            setattr(self, name, {k: np.asarray(v, dtype=float) for k, v in value.items()})
+            return
+        total = self.seen + weight
+        for key, arr in value.items():
+            if key != "layers":
+                old[key] = (old[key] * self.seen + np.asarray(arr, dtype=float) * weight) / total
+
+
+def _test_items(trained: TrainedRun, classes: str, data_root: str, max_images: int, seed: int) -> D.DatasetSplits:
+    split = D.subsample_classes(D.load_splits(trained.info["dataset"], data_root), classes)
+    if len(split.test) > max_images:
+        keep = np.random.default_rng(seed).choice(len(split.test), max_images, replace=False)
+        split.test = [split.test[i] for i in sorted(keep)]
+    return split
+
+
+def _unnormalise(images: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    return (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+
+
+@torch.no_grad()
+def record_subset(method: Method, split: D.DatasetSplits, dataset: str, rule: str, batch_size: int = 32,
+                  progress: bool = True) -> SubsetRecord:
+    """One traced pass of ``method`` over ``split.test``: features, branches, norms and attention."""
+    from alignednorm.analysis import class_attention_map, layer_norms, prompt_attention_share
+
+    method.eval()
+    method.set_label_space(dataset_label_space(dataset, split.classnames))
+    transform = D.build_transform(method.backbone.image_size, train=False)
+    loader = DataLoader(D.ImageListDataset(split.test, transform), batch_size=batch_size, collate_fn=skip_none_collate)
+    backbone, record = method.backbone, SubsetRecord()
+    layers = tuple(range(max(1, backbone.vision_layers - ATTENTION_LAYERS + 1), backbone.vision_layers + 1))
+    device = next(backbone.parameters()).device
+    for images, labels in tqdm(loader, desc=f"analyze {dataset}/{rule}", disable=None if progress else True,
+                               leave=False):
+        trace = Traces(image=Trace(attention_layers=layers)) if backbone.is_vit else None
+        out = method(images.to(device), rule=rule, trace=trace)
+        record.features.append(out.features.cpu())
+        record.labels.append(labels)
+        for name in ("z_p", "z_c"):
+            if name in out.branches:
+                getattr(record, name).append(out.branches[name].cpu())
+        if trace is not None:
+            image = trace.image
+            record.add_mean("layer_norms", layer_norms(image.hidden, image.positions), len(labels))
+            record.add_mean("attention", prompt_attention_share(image.attention, image.positions), len(labels))
+            if record.overlays is None:
+                last = layers[-1]
+                maps = class_attention_map(image.attention[last][:OVERLAY_IMAGES], image.positions[last])
+                record.overlays = (_unnormalise(images[:OVERLAY_IMAGES]), maps)
+        record.seen += len(labels)
+    return record
+
+
+def prompt_norms_from_log(run_dir: Path) -> list[np.ndarray]:
+    """Per-epoch mean prompt norm per position, from ``log.jsonl`` (the last record of each epoch)."""
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    per_epoch: dict[int, np.ndarray] = {}
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        means = entry.get("epoch_mean") if isinstance(entry, dict) else None
+        if not isinstance(means, dict):
+            continue
+        found = {int(m.group(1)): v for k, v in means.items() if (m := PROMPT_NORM_TERM.match(k))}
+        if found:
+            per_epoch[int(entry["epoch"])] = np.array([found[i] for i in sorted(found)])
+    return [per_epoch[e] for e in sorted(per_epoch)]
+
+
+def run_label(trained: TrainedRun) -> str:
+    """``method/variant/seedS`` from the runner's layout, else the folder name."""
+    parts = trained.run_dir.resolve().parts
+    if len(parts) >= 3 and parts[-1].startswith("seed"):
+        return f"{trained.info['method']}/{parts[-2]}/{parts[-1]}"
+    return f"{trained.info['method']}/{trained.run_dir.name}"
+
+
+@dataclass
+class AnalysisOptions:
+    """Bounds and switches of one ``analyze`` call.
+
+    Attributes:
+        data_root: dataset folder (default: the one each run recorded).
+        clip: backbone file when it moved since training (SHA-256 checked).
+        max_images: test images per subset (base, new) and run, drawn with ``seed``.
+        zeroshot: add zero-shot CLIP on the first run's backbone as the reference.
+        tsne: compute the t-SNE figure (the slowest step).
+        tsne_points: at most this many points per subset in the t-SNE.
+        batch_size: images per traced forward pass.
+        seed: draws the image subsets and seeds the t-SNE.
+        device: where the methods run.
+    """
+
+    data_root: str | None = None
+    clip: str | None = None
+    max_images: int = 500
+    zeroshot: bool = False
+    tsne: bool = True
+    tsne_points: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def analyze_runs(run_dirs: list[str | Path], output: str | Path, options: AnalysisOptions | None = None) -> Path:
+    """Compute, plot and write every figure for ``run_dirs``; returns the HTML page's path."""
+    options = options or AnalysisOptions()
+    if options.max_images < 2:
+        raise AlignedNormError(f"--max-images {options.max_images}: expected at least 2 images per subset")
+    output = Path(output)
+    records: dict[str, dict[str, SubsetRecord]] = {}
+    configs, skipped, prompt_norms = {}, {}, {}
+    first: TrainedRun | None = None
+    for run_dir in run_dirs:
+        trained = load_run(run_dir, clip=options.clip, device=options.device)
+        first = first or trained
+        label = _unique(run_label(trained), records)
+        records[label] = _record_run(trained, trained.method, options)
+        configs[label] = (Path(run_dir) / "config.yaml").read_text()
+        norms = prompt_norms_from_log(Path(run_dir))
+        if norms:
+            prompt_norms[label] = norms
+    if first is None:
+        raise AlignedNormError("no run folders given; pass at least one RUN_DIR")
+    if options.zeroshot:
+        reference = create_method("zeroshot", first.method.backbone)
+        records["zero-shot CLIP"] = _record_run(first, reference, options)
+    figures = _figures(records, prompt_norms, output, options, skipped)
+    from alignednorm.analysis import write_report
+
+    return write_report(output / "index.html", figures, configs=configs, skipped=skipped,
+                        title=f"alignednorm analysis: {', '.join(records)}")
+
+
+def _unique(label: str, taken) -> str:
+    candidate, k = label, 2
+    while candidate in taken:
+        candidate, k = f"{label} #{k}", k + 1
+    return candidate
+
+
+def _record_run(trained: TrainedRun, method: Method, options: AnalysisOptions) -> dict[str, SubsetRecord]:
+    data_root = options.data_root or trained.info.get("data_root")
+    if not data_root:
+        raise AlignedNormError(f"{trained.run_dir / 'run.json'} records no data root; pass --data-root")
+    out = {}
+    for classes, rule in SUBSETS:
+        split = _test_items(trained, classes, str(data_root), options.max_images, options.seed)
+        out[classes] = record_subset(method, split, trained.info["dataset"], rule, options.batch_size,
+                                     options.progress)
+    return out
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors) if tensors else torch.empty(0)
+
+
+def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skipped: dict) -> list:
+    from alignednorm.analysis import FigureEntry, embedding_geometry, norm_ratio, ratio_summary, tsne_embed
+    from alignednorm.analysis import plots as P
+
+    output.mkdir(parents=True, exist_ok=True)
+    figures = []
+
+    def add(name, title, plot, data, numbers, caption):
+        if data:
+            figures.append(FigureEntry(name, title, plot(data, output / f"{name}.png"), numbers, caption))
+
+    ratios = {}
+    for label, subsets in records.items():
+        if not subsets["base"].z_p:
+            skipped[f"r(x) of {label}"] = "the method has no prompt branch (no z_p / z_c features)"
+            continue
+        r = {k: norm_ratio(_cat(s.z_p), _cat(s.z_c)) for k, s in subsets.items()}
+        ratios[label] = {**r, "summary": ratio_summary(r["base"], r["new"])}
+    add("norm_ratio", "Norm ratio r(x) = |z_p| / |z_c|, base vs new (Fig. 3a)", P.plot_norm_ratio, ratios,
+        {k: v["summary"] for k, v in ratios.items()}, "A gap between the base and new means lets r(x) tell them apart.")
+    vit = {label: s for label, s in records.items() if s["base"].layer_norms is not None}
+    for label in set(records) - set(vit):
+        skipped[f"norms and attention of {label}"] = "the image tower is not a ViT: no per-layer traces"
+    norms = {label: {k: s.layer_norms for k, s in subsets.items()} for label, subsets in vit.items()}
+    add("layer_norms", "Per-layer norms of the class token and the prompt tokens (Fig. 3b)", P.plot_layer_norms,
+        norms, norms, "Prompt tokens outgrowing the class token layer by layer is the norm imbalance.")
+    shares = {label: subsets["base"].attention for label, subsets in vit.items()}
+    add("attention_share", "Attention given to prompt tokens per layer and head (Fig. 3c)", P.plot_attention_share,
+        shares, shares, "Share of the class token's and the patches' attention that lands on prompt tokens.")
+    if vit:
+        images = next(iter(vit.values()))["base"].overlays[0]
+        maps = {label: subsets["base"].overlays[1] for label, subsets in vit.items()}
+        figures.append(FigureEntry("attention_maps", "Class-token attention of the last layer (Figs. 6-7)",
+                                   P.plot_attention_overlays(images, maps, output / "attention_maps.png"),
+                                   {"maps": maps}, "Same base test images for every run."))
+    geometry = {label: {k: embedding_geometry(_cat(s.features), _cat(s.labels)) for k, s in subsets.items()}
+                for label, subsets in records.items()}
+    add("uniformity_tolerance", "Uniformity and tolerance of the image embeddings (Eq. 13-14, Fig. 5)",
+        P.plot_uniformity_tolerance, geometry, geometry,
+        "Uniformity log E exp(-t|f_i - f_j|^2), t = 0.01 (lower: more uniform); tolerance E[f_i . f_j | same class].")
+    if options.tsne:
+        tsne = {label: tsne_embed(_cat(s["base"].features), _cat(s["new"].features), _cat(s["base"].labels),
+                                  _cat(s["new"].labels), seed=options.seed, max_points=options.tsne_points)
+                for label, s in records.items()}
+        add("tsne", "t-SNE of base and new image embeddings (Fig. 4)", P.plot_tsne, tsne,
+            {k: {"perplexity": v["perplexity"]} for k, v in tsne.items()}, "Seeded; base and new computed together.")
+    add("prompt_norms", "Prompt norm per position over training epochs (Nemesis)", P.plot_prompt_norms_over_epochs,
+        prompt_norms, {k: np.stack(v) for k, v in prompt_norms.items()}, "Read from each run's log.jsonl.")
+    if not prompt_norms:
+        skipped["prompt norms over epochs"] = "no run logged per-position prompt norms (prompt_norm.<i> terms)"
+    return figures
