@@ -19,10 +19,13 @@ datasets_app = typer.Typer(help="Inspect dataset folders.", no_args_is_help=True
 app.add_typer(list_app, name="list")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(run_app, name="run")
+mini_app = typer.Typer(help="The built-in mini benchmark.", no_args_is_help=True)
+app.add_typer(mini_app, name="mini")
 app.command("report")(report_cmd)
 
 DataRoot = Annotated[Path | None, typer.Option("--data-root", help="CoOp-layout data folder (default: $DATA_ROOT).")]
-Clip = Annotated[Path, typer.Option("--clip", help="CLIP checkpoint: OpenAI .pt, state dict, safetensors, open_clip.")]
+Clip = Annotated[Path, typer.Option("--clip", help="CLIP checkpoint: OpenAI .pt, state dict, safetensors, open_clip; "
+                                                   "'mini' for the mini benchmark's tiny CLIP.")]
 ClipModel = Annotated[str | None, typer.Option("--clip-model", help="open_clip model name for open_clip checkpoints.")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Config override key=value, e.g. train.epochs=5.")]
 
@@ -87,17 +90,16 @@ def _one_job(method: str, dataset: str, data_root: Path | None, clip: Path, clip
              protocol: str, shots: int, seed: int, train_subset: str, evaluations, config: Path | None, sets,
              tag: str | None, force: bool, verbose: bool, resume: bool = True, step_suffix: str = "") -> dict:
     """``train`` and ``eval`` are one-job cases of the protocol runner: same layout, files and reuse rule."""
+    from alignednorm.backbone.loading import resolve_clip_path
     from alignednorm.data import resolve_data_root
     from alignednorm.protocols.runner import EvalStep, SweepRequest, canonical_datasets, run_job
 
     _setup_logging(verbose)
     _register_extras()
     dataset = canonical_datasets([dataset])[0]
-    if not clip.is_file():
-        raise AlignedNormError(f"--clip {clip}: no such file; expected a CLIP checkpoint (OpenAI .pt, state dict, "
-                               "safetensors or open_clip)")
+    clip = resolve_clip_path(clip)
     suites = _dataset_suites(dataset)
-    request = SweepRequest(method=method, data_root=resolve_data_root(data_root), clip=str(clip.resolve()),
+    request = SweepRequest(method=method, data_root=resolve_data_root(data_root), clip=str(clip),
                            output=str(output.resolve()), suite=suites[0] if suites else "paper", datasets=(dataset,),
                            seeds=(seed,), shots=(shots,), clip_model=clip_model,
                            config_file=str(config.resolve()) if config else None, sets=tuple(sets or ()), tag=tag,
@@ -218,6 +220,25 @@ def demo_cmd(
              sets=tuple(sets or ()))
 
 
+@mini_app.command("generate")
+def mini_generate_cmd(
+    data_root: Annotated[Path, typer.Option(help="where the mini world is written (under DATA_ROOT/mini)")] = Path("data"),
+    datasets: Annotated[str | None, typer.Option(help="comma-separated mini datasets (default: all)")] = None,
+) -> None:
+    """Generate the mini benchmark's images and split files in the CoOp layout (skipped when present).
+
+    Then any command takes `--data-root DATA_ROOT --clip mini --dataset mini_shapes` (or `--suite mini`).
+    """
+    from alignednorm.mini import generate_world
+
+    names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
+    try:
+        generate_world(data_root, names=names)
+    except KeyError as exc:
+        raise AlignedNormError(str(exc.args[0])) from None
+    typer.echo(f"mini world ready under {data_root / 'mini'}; use --data-root {data_root} --clip mini")
+
+
 @app.command("analyze")
 def analyze_cmd(
     run_dirs: Annotated[list[Path], typer.Argument(help="trained run folders (any method), compared side by side")],
@@ -252,8 +273,12 @@ def predict_cmd(
     topk: Annotated[int, typer.Option(help="labels per image (more than the classes: all of them)")] = 5,
     clip: Annotated[Path | None, typer.Option(help="backbone file, if it moved since training")] = None,
 ) -> None:
-    """Top-k labels with probabilities for images (rule: seen for training classes, else unseen)."""
-    from alignednorm.predict import image_paths, load
+    """Top-k labels with probabilities for images (rule: seen for training classes, else unseen).
+
+    Files that are not readable images are reported on stderr and skipped; the others are still
+    predicted, and the exit status is then 1.
+    """
+    from alignednorm.predict import image_paths, load, open_images
 
     names = None
     if classes_file is not None:
@@ -265,9 +290,17 @@ def predict_cmd(
         if not names:
             raise AlignedNormError(f"--classes {classes!r}: no class names; give comma-separated names or omit it")
     predictor = load(run_dir, clip=clip)
-    paths = image_paths(images)
-    for path, top in zip(paths, predictor.predict(paths, names, topk)):
+    paths, opened, skipped = open_images(image_paths(images))
+    if not opened:
+        first = next(iter(skipped.values()))
+        raise AlignedNormError(first if len(skipped) == 1 else f"none of the {len(skipped)} files is a readable image "
+                                                               f"(first: {first})")
+    for path, reason in skipped.items():
+        typer.secho(f"skipped {reason}", err=True, fg="yellow")
+    for path, top in zip(paths, predictor.predict(opened, names, topk)):
         typer.echo(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
+    if skipped:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from alignednorm import data as D
+from alignednorm.data.dataset import load_rgb, to_rgb
 from alignednorm.engine.run import TrainedRun, load_run
 from alignednorm.errors import ConfigError, DataError
 from alignednorm.methods import check_rule
@@ -92,8 +93,30 @@ def _open(images) -> list[Image.Image]:
     if isinstance(images, (str, Path)):
         images = [images]
     if all(isinstance(i, Image.Image) for i in images):
-        return [i.convert("RGB") for i in images]
-    return [D.dataset.load_rgb(str(p)) for p in image_paths(images)]
+        return [to_rgb(i, f"image {k}") for k, i in enumerate(images)]
+    return [open_image(p) for p in image_paths(images)]
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An image file as RGB, or a one-line :class:`DataError` naming it (not an image, truncated, ...)."""
+    try:
+        return load_rgb(str(path))
+    except DataError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def open_images(paths: list[Path]) -> tuple[list[Path], list[Image.Image], dict[Path, str]]:
+    """The readable images of ``paths`` and, for the others, why they were skipped."""
+    kept, images, skipped = [], [], {}
+    for path in paths:
+        try:
+            images.append(open_image(path))
+            kept.append(path)
+        except DataError as exc:
+            skipped[path] = str(exc)
+    return kept, images, skipped
 
 
 def load(run_dir: str | Path, clip: str | Path | None = None, device: str | torch.device = "cpu") -> Predictor:

@@ -84,7 +84,11 @@ def records_from(data: dict, path: Path, root: Path) -> list[Record]:
 
 
 def collect(root: str | Path) -> list[Record]:
-    """Every record under ``root``; unreadable files are skipped with a warning, duplicates keep the last."""
+    """Every record under ``root``; unreadable files are skipped with a warning.
+
+    Two files recording the same run (protocol, method, variant, dataset, target, metric, shots,
+    seed) give one record: the newer file's (by modification time), named in a warning.
+    """
     root = Path(root)
     found: dict[tuple, Record] = {}
     for path in sorted(root.rglob("metrics.json")):
@@ -97,8 +101,10 @@ def collect(root: str | Path) -> list[Record]:
         for rec in records:
             protocol = "transfer" if rec.protocol in TRANSFER else rec.protocol
             key = (protocol, rec.method, rec.variant, rec.dataset, rec.target, rec.metric, rec.shots, rec.seed)
-            if key in found:
-                log.warning("%s repeats the run of %s; using the former", rec.path, found[key].path)
+            if key in found and found[key].path != rec.path:
+                newer, older = sorted((found[key], rec), key=lambda r: (Path(r.path).stat().st_mtime_ns, r.path))[::-1]
+                log.warning("%s and %s record the same run; using the newer %s", older.path, newer.path, newer.path)
+                rec = newer
             found[key] = rec
     return list(found.values())
 

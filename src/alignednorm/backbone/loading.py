@@ -524,3 +524,20 @@ def load_clip(path: str | Path, model_name: str | None = None) -> CLIP:
     model = _build_config(model_name)
     _load_strict(model, OrderedDict(ckpt.tensors), str(path))
     return model.float().eval()
+
+
+# Names ``--clip`` accepts besides a file path.
+BUILTIN_CLIPS = ("mini",)
+
+
+def resolve_clip_path(value: str | Path) -> Path:
+    """The checkpoint file ``--clip`` names: a path, or ``mini`` for the shipped tiny CLIP of the mini benchmark."""
+    if str(value) == "mini":
+        from alignednorm.mini import mini_clip_path
+
+        return mini_clip_path().resolve()
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"--clip {value}: no such file; expected a CLIP checkpoint (OpenAI .pt, state dict, "
+                              f"safetensors, open_clip) or one of {', '.join(BUILTIN_CLIPS)}")
+    return path.resolve()

@@ -31,7 +31,7 @@ from alignednorm.config import build, load_run_config, to_yaml
 from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
 from alignednorm.engine.evaluate import evaluate
-from alignednorm.engine.io import load_tensors, save_tensors, write_json, write_text
+from alignednorm.engine.io import clean_stale_temp_files, load_tensors, save_tensors, write_json, write_text
 from alignednorm.engine.trainer import Trainer, seed_everything
 from alignednorm.errors import AlignedNormError, CheckpointError
 from alignednorm.methods import Method, create_method
@@ -230,6 +230,9 @@ def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = F
     if not distributed.is_main():
         return _execute(spec, run_dir, backbone, identity)
     with RunLock(run_dir):
+        removed = clean_stale_temp_files(run_dir)  # left by writes a kill interrupted; nobody else writes here
+        if removed:
+            log.info("removed %d temp files of interrupted writes in %s", len(removed), run_dir)
         if force:
             for name in ("metrics.json", "checkpoint.pt", "log.jsonl", "learnable.safetensors", "run.json"):
                 (run_dir / name).unlink(missing_ok=True)
@@ -248,16 +251,18 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
     if learns:
         method.set_trained_classnames(train_split.classnames, run_dir)
     main = distributed.is_main()
+    trainer = Trainer(method, train_cfg, run_dir, progress=spec.progress and main) if learns else None
+    if trainer is not None:
+        trainer.try_resume()  # a damaged checkpoint stops here, before any file of the run is rewritten
     if main:
         write_text(run_dir / "config.yaml", to_yaml(spec.config))
         write_json(run_dir / "run.json", _run_info(spec, train_split, identity))
     train_stats = {}
-    if learns:
+    if trainer is not None:
         transform = D.build_transform(backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale),
                                       hflip=data_cfg.hflip)
         dataset = D.ImageListDataset(train_split.train, transform, skip_corrupt=data_cfg.skip_corrupt)
-        trainer = Trainer(method, train_cfg, run_dir, progress=spec.progress and main)
-        train_stats = trainer.fit(dataset, resume=True)
+        train_stats = trainer.fit(dataset, resume=False)
         train_stats["skipped_images"] = dataset.num_skipped
         if main:
             save_tensors(run_dir / "learnable.safetensors", method.learnable_state_dict(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 from alignednorm.engine import distributed
@@ -81,7 +82,21 @@ def _flatten(record: dict) -> dict:
     return flat
 
 
+def _after_existing_event_files(folder: Path) -> None:
+    """Wait (under a second) until a new event file sorts after every existing one.
+
+    Readers load event files in name order, and names start with the creation second: a resumed
+    run started within the second of the killed attempt could otherwise be read first, and the
+    purge would then not hide the attempt's events past the checkpoint.
+    """
+    stamps = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*") if p.name.split(".")[3].isdigit()]
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 def _summary_writer(folder: Path, start_step: int):
+    if start_step:
+        _after_existing_event_files(folder)
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:

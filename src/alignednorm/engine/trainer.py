@@ -24,7 +24,7 @@ from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
 from alignednorm.engine.io import save_torch
 from alignednorm.engine.tracking import RunTracker
-from alignednorm.errors import AlignedNormError, ConfigError
+from alignednorm.errors import AlignedNormError, CheckpointError, ConfigError
 from alignednorm.methods.base import Method, StepState
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,14 @@ class Trainer:
         """Load ``checkpoint.pt`` when present; returns whether training resumes from it."""
         if self.checkpoint_path is None or not self.checkpoint_path.is_file():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        try:
+            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (torch raises many types for a truncated or foreign file)
+            raise CheckpointError(f"{self.checkpoint_path}: unreadable or truncated checkpoint ({type(exc).__name__}); "
+                                  "pass --force to start the run over") from None
+        if not isinstance(state, dict) or not {"epoch", "learnable", "scaler"} <= set(state):
+            raise CheckpointError(f"{self.checkpoint_path}: not a training checkpoint of this trainer; "
+                                  "pass --force to start the run over")
         self.method.load_learnable_state_dict(state["learnable"], source=str(self.checkpoint_path))
         if self.optimizer and state["optimizer"]:
             self.optimizer.load_state_dict(state["optimizer"])

@@ -34,7 +34,7 @@ SuiteName = Annotated[str, typer.Option(help="benchmark suite naming the dataset
 Seeds = Annotated[list[str] | None, typer.Option(help="training seeds, e.g. --seeds 1 2 3 (the default)")]
 Shots = Annotated[list[str] | None, typer.Option(help="K shots per class (default 16; fewshot: 1,2,4,8,16)")]
 DataRoot = Annotated[Path | None, typer.Option("--data-root", help="CoOp-layout data folder (default: $DATA_ROOT).")]
-Clip = Annotated[Path, typer.Option("--clip", exists=True, dir_okay=False, help="CLIP checkpoint file.")]
+Clip = Annotated[Path, typer.Option("--clip", help="CLIP checkpoint file, or 'mini' for the mini benchmark's.")]
 ClipModel = Annotated[str | None, typer.Option("--clip-model", help="open_clip model name for open_clip checkpoints.")]
 Output = Annotated[Path, typer.Option(help="runs folder")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="config override key=value, e.g. train.epochs=5")]
@@ -92,6 +92,7 @@ def _make_run_command(protocol: str):
         output: Output = Path("runs"), sets: Sets = None, config: Config = None, tag: Tag = None,
         device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
         force: Annotated[bool, typer.Option(help="re-run finished runs")] = False,
+        resume: Annotated[bool, typer.Option(help="continue interrupted runs from their checkpoints")] = True,
         executor: Executor = "inline",
         dry_run: Annotated[bool, typer.Option(help="list the jobs and exit")] = False,
         partition: Annotated[str | None, typer.Option(help="SLURM partition")] = None,
@@ -105,6 +106,7 @@ def _make_run_command(protocol: str):
         slurm_arg: Annotated[list[str] | None, typer.Option(help="extra sbatch option key=value")] = None,
         verbose: bool = False,
     ) -> None:
+        from alignednorm.backbone.loading import resolve_clip_path
         from alignednorm.data import resolve_data_root
 
         from . import expand
@@ -114,12 +116,14 @@ def _make_run_command(protocol: str):
         _setup_logging(verbose)
         _register_extras()
         request = SweepRequest(
-            method=method, data_root=resolve_data_root(data_root), clip=str(clip.resolve()),
+            method=method, data_root=resolve_data_root(data_root), clip=str(resolve_clip_path(clip)),
             output=str(output.resolve()), suite=suite, datasets=tuple(_split(datasets)) or None,
             seeds=_ints(seeds, "--seeds") or (1, 2, 3), shots=_ints(shots, "--shots"), clip_model=clip_model,
             config_file=str(config.resolve()) if config else None, sets=tuple(sets or ()), tag=tag, device=device,
             progress=executor == "inline")
         jobs = expand(protocol, request)
+        for job in jobs:
+            job.resume = resume
         if dry_run:
             for job in jobs:
                 typer.echo(f"{job.name}: evaluates {', '.join(step.target for step in job.evals)}")

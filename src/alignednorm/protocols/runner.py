@@ -34,7 +34,7 @@ from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.config import preset_path, resolve_config, to_yaml
 from alignednorm.data.catalog import Suite, get_suite
-from alignednorm.engine.io import write_json, write_text
+from alignednorm.engine.io import clean_stale_temp_files, write_json, write_text
 from alignednorm.engine.run import (
     RunLock,
     RunSpec,
@@ -311,6 +311,7 @@ def run_eval_step(job: Job, step: EvalStep, trained: TrainedRun) -> dict:
     """Evaluate the trained method on ``step.target``; write the step's ``config.yaml`` and ``metrics.json``."""
     run_dir, method = Path(step.run_dir), trained.method
     with RunLock(run_dir), method.overridden(step.method_overrides):
+        clean_stale_temp_files(run_dir)
         splits = D.load_splits(step.target, job.data_root)
         results = {ev.name: _evaluate(job, trained, step.target, splits, ev) for ev in step.evaluations}
         cfg = trained.config.copy()
