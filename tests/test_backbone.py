@@ -56,8 +56,9 @@ def test_text_insertion_moves_eot_and_keeps_causality(tiny_backbone):
     _, tokens = _inputs(tiny_backbone)
     n = 4
     prompts = torch.randn(n, 64)
-    out = tiny_backbone.encode_text(tokens, hook=lambda l: LayerPrompt(prompts, "insert", 1) if l == 2 else None)
-    plain = tiny_backbone.encode_text(tokens)
+    out = tiny_backbone.encode_text(tokens, hook=lambda l: LayerPrompt(prompts, "insert", 1) if l == 2 else None,
+                                    full_length=True)
+    plain = tiny_backbone.encode_text(tokens, full_length=True)
     eot = tokens.argmax(-1)
     assert out.tokens.shape[1] == tokens.shape[1] + n
     # The pooled feature is the shifted EOT token.
@@ -166,3 +167,20 @@ def test_reference_tiny_clip_reproduces_frozen_features(shared_dir):
     txt = txt / txt.norm(dim=-1, keepdim=True)
     assert torch.allclose(img, outputs["frozen.image_features"], atol=1e-5)
     assert torch.allclose(txt, outputs["frozen.text_features"], atol=1e-5)
+
+
+def test_text_cut_after_the_last_eot_changes_no_feature_or_gradient(tiny_backbone):
+    _, tokens = _inputs(tiny_backbone)
+    assert tiny_backbone.text_length(tokens) == int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
+    results = []
+    for full in (True, False):
+        prompts = torch.randn(2, 64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        hook = lambda l, p=prompts: LayerPrompt(p, "insert", 1) if l == 2 else None
+        out = tiny_backbone.encode_text(tokens, hook=hook, full_length=full)
+        out.features.square().sum().backward()
+        prefixed = tiny_backbone.encode_text(tokens, prefix=tiny_backbone.text_prefix(tokens, 2, full_length=full),
+                                             hook=hook, full_length=full)
+        results.append((out.features.detach(), prompts.grad, prefixed.features.detach()))
+    (full_f, full_g, full_p), (cut_f, cut_g, cut_p) = results
+    assert torch.allclose(full_f, cut_f, atol=1e-6) and torch.allclose(full_g, cut_g, atol=1e-5)
+    assert torch.allclose(full_p, cut_p, atol=1e-6) and torch.allclose(full_p, full_f, atol=1e-6)

@@ -264,6 +264,36 @@ def analyze_cmd(
     typer.echo(f"wrote {page}")
 
 
+@app.command("bench")
+def bench_cmd(
+    method: Annotated[str, typer.Option(help="method name")] = "mmrlpp",
+    classes: Annotated[str, typer.Option(help="comma-separated class counts")] = "50,500",
+    geometry: Annotated[str, typer.Option(help="vit-b16, vit-b32, vit-l14 or tiny (random weights)")] = "vit-b16",
+    clip: Annotated[Path | None, typer.Option(help="time this checkpoint instead of random weights")] = None,
+    batch: int = 8,
+    iters: Annotated[int, typer.Option(help="iterations per configuration (the median is shown)")] = 2,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print the numbers as JSON")] = False,
+) -> None:
+    """Seconds per training step and evaluation batch with each optimisation off and on, and the
+    learnable-parameter count of every method (paper Table 5's columns)."""
+    import json
+
+    from alignednorm.backbone.clip import ClipBackbone
+    from alignednorm.backbone.loading import resolve_clip_path
+    from alignednorm.bench import format_result, run_bench
+
+    try:
+        counts = tuple(int(c) for c in classes.split(",") if c.strip())
+    except ValueError:
+        raise AlignedNormError(f"--classes {classes!r}: expected comma-separated integers, e.g. 50,500") from None
+    if not counts or min(counts) < 1 or iters < 1 or batch < 1:
+        raise AlignedNormError("--classes, --iters and --batch need positive values")
+    backbone = ClipBackbone.from_file(resolve_clip_path(clip)) if clip else None
+    result = run_bench(method, geometry, counts, batch, iters, device, backbone)
+    typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_result(result))
+
+
 @app.command("predict")
 def predict_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],

@@ -66,6 +66,8 @@ class ClipBackbone(nn.Module):
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.source = source
+        # Cut text padding after the last EOT (exact; see text_length). Off only to measure what it saves.
+        self.cut_text_padding = True
         self.tokenizer = SimpleTokenizer(context_length=self.context_length)
 
     @classmethod
@@ -182,10 +184,24 @@ class ClipBackbone(nn.Module):
         x = self.model.token_embedding(token_ids)
         return x + self.model.positional_embedding.to(x.dtype)
 
+    def _keeps_padding(self, full_length: bool | None) -> bool:
+        return not self.cut_text_padding if full_length is None else full_length
+
+    @staticmethod
+    def text_length(token_ids: Tensor) -> int:
+        """Positions up to the longest prompt's end-of-text token: all that reaches any pooled feature.
+
+        Under the causal mask a token attends only to earlier ones, so cutting the padding after the
+        last EOT leaves every EOT state, and so every text feature, unchanged (77 -> ~10 positions).
+        """
+        return int(token_ids.argmax(dim=-1).max()) + 1
+
     def text_prefix(self, token_ids: Tensor, upto: int, trace: Trace | None = None,
-                    embeddings: Tensor | None = None) -> Prefix:
+                    embeddings: Tensor | None = None, full_length: bool | None = None) -> Prefix:
         """The prompt-free text sequence entering block ``upto`` (blocks ``1 .. upto-1`` run)."""
         x = self.embed_text(token_ids) if embeddings is None else embeddings
+        if not self._keeps_padding(full_length):
+            x = x[:, : self.text_length(token_ids)]
         blocks = self.model.transformer.resblocks[: upto - 1]
         return Prefix(upto, self._run_blocks(x, blocks, None, trace, PromptState(), 1, causal=True))
 
@@ -209,6 +225,7 @@ class ClipBackbone(nn.Module):
         trace: Trace | None = None,
         embeddings: Tensor | None = None,
         prefix: Prefix | None = None,
+        full_length: bool | None = None,
     ) -> TowerOutput:
         """Run the text tower.
 
@@ -219,8 +236,12 @@ class ClipBackbone(nn.Module):
             embeddings: ``(N, T, W)`` input embeddings to use instead of ``embed_text(token_ids)``
                 (CoOp-style context vectors put in place of some word embeddings).
             prefix: start at block ``prefix.layer`` from these cached states (see :meth:`text_prefix`).
+            full_length: run all ``T`` positions; by default (``None``: ``not cut_text_padding``) the
+                padding after the last end-of-text token is cut (:meth:`text_length`), which changes no feature.
         """
         x, state, first = self._start(prefix, token_ids, self.embed_text if embeddings is None else lambda _: embeddings)
+        if not self._keeps_padding(full_length):  # prompts inserted before the EOTs lengthen the kept part
+            x = x[:, : self.text_length(token_ids) + (state.n if prefix is not None else 0)]
         x = self._run_blocks(x, self.model.transformer.resblocks, hook, trace, state, first, causal=True)
         tokens = self.model.ln_final(x)
         return TowerOutput(self.pool_text(tokens, token_ids, state), tokens, x, state.start, state.n, trace)

@@ -1,0 +1,168 @@
+"""``alignednorm bench``: what a training step and an evaluation batch cost, with each optimisation on and off.
+
+Builds a CLIP of a named geometry with random weights (or loads a given checkpoint), then for each
+class count times, in one process and alternating, the method's training step (forward, backward,
+optimiser step), the first evaluation batch (text features encoded) and a steady evaluation batch
+(text features cached), with each backbone optimisation off and on. Tests compare numbers, never
+timings: timings are what this command prints.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+from alignednorm.backbone.clip import ClipBackbone
+from alignednorm.errors import ConfigError
+from alignednorm.methods import StepState, create_method, list_methods
+
+# name: (vision layers, vision width, patch, image size, text width, text heads, text layers, embed dim)
+GEOMETRIES = {
+    "vit-b16": (12, 768, 16, 224, 512, 8, 12, 512),
+    "vit-b32": (12, 768, 32, 224, 512, 8, 12, 512),
+    "vit-l14": (24, 1024, 14, 224, 768, 12, 12, 768),
+    "tiny": (12, 64, 16, 32, 64, 1, 12, 32),
+}
+# Backbone switches that change speed and memory, never numbers.
+OPTIMISATIONS = ("cut_text_padding",)
+
+
+def random_clip(geometry: str, seed: int = 0) -> ClipBackbone:
+    """A CLIP of ``geometry`` with random weights in OpenAI's layout (QuickGELU)."""
+    if geometry not in GEOMETRIES:
+        raise ConfigError(f"--geometry {geometry!r}; expected one of {', '.join(GEOMETRIES)}")
+    v_layers, v_width, patch, size, t_width, t_heads, t_layers, embed = GEOMETRIES[geometry]
+    torch.manual_seed(seed)
+    model = CLIP(embed, CLIPVisionCfg(layers=v_layers, width=v_width, patch_size=patch, image_size=size,
+                                      head_width=min(64, v_width)),
+                 CLIPTextCfg(context_length=77, width=t_width, heads=t_heads, layers=t_layers), quick_gelu=True)
+    return ClipBackbone(model.eval(), source=f"random {geometry}")
+
+
+def learnable_parameter_counts(backbone: ClipBackbone) -> dict[str, int]:
+    """Learnable parameters of every registered method with its default config on ``backbone``."""
+    counts = {}
+    for name in list_methods():
+        try:
+            method = create_method(name, backbone)
+        except ConfigError:  # e.g. a vision-prompt method on a ResNet tower: not applicable
+            counts[name] = -1
+            continue
+        counts[name] = sum(p.numel() for p in method.learnable_parameters())
+    return counts
+
+
+@dataclass
+class Timing:
+    """Seconds per iteration (median over ``iters``) of one configuration."""
+
+    classes: int
+    settings: dict
+    train_s: float
+    eval_first_s: float
+    eval_steady_s: float
+    max_rss_mb: float
+    cuda_peak_mb: float | None = None
+    logits_max_diff: float = 0.0
+
+
+@dataclass
+class BenchResult:
+    method: str
+    geometry: str
+    batch: int
+    device: str
+    params: dict[str, int] = field(default_factory=dict)
+    timings: list[Timing] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _clock(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def time_configuration(method, images, labels, classnames, iters: int) -> tuple[float, float, float, torch.Tensor]:
+    """Median train-step, first-eval and steady-eval seconds, and the eval logits."""
+    device = images.device
+    optimizer = torch.optim.AdamW(method.learnable_parameters(), lr=1e-6) if method.learnable_parameters() else None
+    train, first, steady = [], [], []
+    for _ in range(iters):
+        method.set_classnames(classnames)
+        if optimizer is not None:
+            method.train()
+            start = _clock(device)
+            method.training_step((images, labels), StepState())["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train.append(_clock(device) - start)
+        method.eval()
+        method.set_classnames(classnames)  # drops the text cache: the first batch encodes the classes
+        with torch.no_grad():
+            start = _clock(device)
+            logits = method.predict(images)
+            first.append(_clock(device) - start)
+            start = _clock(device)
+            method.predict(images)
+            steady.append(_clock(device) - start)
+    return (_median(train) if train else float("nan")), _median(first), _median(steady), logits
+
+
+def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch: int = 8, iters: int = 2,
+              device: str = "cpu", backbone: ClipBackbone | None = None) -> BenchResult:
+    """Time ``method_name`` with every optimisation off, then on, per class count (alternating, one process)."""
+    dev = torch.device(device)
+    backbone = (backbone or random_clip(geometry)).to(dev)
+    result = BenchResult(method_name, geometry, batch, device, learnable_parameter_counts(backbone))
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, backbone.image_size, backbone.image_size, generator=gen).to(dev)
+    for n_classes in classes:
+        labels = (torch.arange(batch) % n_classes).to(dev)
+        classnames = [f"class {i}" for i in range(n_classes)]
+        reference = None
+        for enabled in (False, True):
+            for name in OPTIMISATIONS:
+                setattr(backbone, name, enabled)
+            torch.manual_seed(0)
+            method = create_method(method_name, backbone).to(dev)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            train_s, first_s, steady_s, logits = time_configuration(method, images, labels, classnames, iters)
+            diff = 0.0 if reference is None else float((logits - reference).abs().max())
+            reference = logits if reference is None else reference
+            result.timings.append(Timing(
+                n_classes, {name: enabled for name in OPTIMISATIONS}, train_s, first_s, steady_s,
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None, diff))
+    for name in OPTIMISATIONS:
+        setattr(backbone, name, True)
+    return result
+
+
+def format_result(result: BenchResult) -> str:
+    """A plain-text table: s/iter off/on and their ratio per class count, then parameter counts."""
+    lines = [f"{result.method} on {result.geometry} ({result.device}, batch {result.batch}): seconds per iteration",
+             f"{'classes':>7}  {'optimisations':<13} {'train':>9} {'eval 1st':>9} {'eval':>9} {'max |dlogit|':>12}"]
+    by_classes: dict[int, list[Timing]] = {}
+    for t in result.timings:
+        by_classes.setdefault(t.classes, []).append(t)
+        state = "on" if all(t.settings.values()) else "off"
+        lines.append(f"{t.classes:>7}  {state:<13} {t.train_s:>9.3f} {t.eval_first_s:>9.3f} {t.eval_steady_s:>9.3f}"
+                     f" {t.logits_max_diff:>12.2e}")
+    for n, (off, on) in by_classes.items():
+        lines.append(f"{n:>7}  speed-up      {off.train_s / on.train_s:>8.2f}x {off.eval_first_s / on.eval_first_s:>8.2f}x"
+                     f" {off.eval_steady_s / on.eval_steady_s:>8.2f}x")
+    lines.append("learnable parameters at this geometry (default configs): " +
+                 ", ".join(f"{k} {v / 1e6:.3f} M" if v >= 0 else f"{k} n/a" for k, v in result.params.items()))
+    return "\n".join(lines)

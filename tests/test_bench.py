@@ -1,0 +1,27 @@
+"""``bench``: the optimisations it toggles change no number; the command prints every column."""
+
+import json
+
+from typer.testing import CliRunner
+
+from alignednorm.bench import random_clip, run_bench
+from alignednorm.cli import app
+from alignednorm.methods import list_methods
+
+
+def test_optimisations_change_no_logit_and_every_method_is_counted():
+    result = run_bench("mmrlpp", "tiny", classes=(3,), batch=2, iters=1, backbone=random_clip("tiny"))
+    off, on = result.timings
+    assert off.settings == {"cut_text_padding": False} and on.settings == {"cut_text_padding": True}
+    assert on.logits_max_diff < 1e-4  # logits are 100·cosine: cosines agree to 1e-6 (BLAS order only)
+    assert set(result.params) == set(list_methods()) and result.params["zeroshot"] == 0
+    assert result.params["mmrlpp"] > 0
+
+
+def test_bench_command_json():
+    out = CliRunner().invoke(app, ["bench", "--method", "alignednorm", "--geometry", "tiny", "--classes", "2",
+                                   "--batch", "2", "--iters", "1", "--json"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["method"] == "alignednorm" and len(data["timings"]) == 2
+    assert all(t["train_s"] > 0 and t["eval_first_s"] > 0 for t in data["timings"])
