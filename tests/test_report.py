@@ -227,3 +227,25 @@ def test_compare_shows_no_paper_numbers_for_another_suite(tmp_path):
     t = table(build_report(tmp_path, compare="paper"), "table1_base2new_alignednorm")
     assert [name for name, _ in t.rows] == ["dtd", "eurosat", "Average (1 of 2 datasets)"]
     assert all(cell.missing for _, cells in t.rows for cell in cells[1:3])  # not the 11-dataset paper average
+
+
+def test_cost_table_from_real_runs(json_dataset, tmp_path):
+    """``report --cost`` on a tiny base-to-new sweep: every column filled from the run folders."""
+    from alignednorm.backbone.tiny import make_tiny_clip, save_openai_state_dict
+
+    clip = save_openai_state_dict(make_tiny_clip(seed=2, layers=3), tmp_path / "clip.pt")
+    args = ["run", "base2new", "--method", "mmrlpp", "--datasets", "oxford_pets", "--data-root",
+            str(json_dataset.root), "--clip", str(clip), "--seeds", "1", "--shots", "2", "--output", str(tmp_path / "r"),
+            "--set", "method.rep_layers=[2,3]", "--set", "method.rep_dim=16", "--set", "train.epochs=1",
+            "--set", "train.batch_size=2", "--tag", "tiny"]
+    from alignednorm.cli import app
+
+    assert CliRunner().invoke(app, args, catch_exceptions=False).exit_code == 0
+    info = json.loads(next((tmp_path / "r").rglob("run.json")).read_text())
+    assert info["environment"]["torch"] and info["learnable_parameters"] > 0
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "r"), "--cost", "--no-write"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith("| mmrlpp-tiny")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[3]) == round(info["learnable_parameters"] / 1e6, 3)
+    assert cells[5] != "-" and cells[6] == "1" and cells[7] == "CPU"

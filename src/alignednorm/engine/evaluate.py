@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -22,11 +24,14 @@ def evaluate(method: Method, loader: DataLoader, rule: str = "any", progress: bo
     num_classes = len(method.classnames)
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
+    seconds, batches = 0.0, 0
     for batch in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
         if batch is None:  # every image of the batch was unreadable and skipped
             continue
         images, labels = batch
+        start = time.perf_counter()
         logits = method.predict(images.to(device), rule=rule)
+        seconds, batches = seconds + time.perf_counter() - start, batches + 1
         hits = (logits.argmax(dim=-1).cpu() == labels).long()
         total += torch.bincount(labels, minlength=num_classes)
         correct += torch.bincount(labels, weights=hits, minlength=num_classes).long()
@@ -38,4 +43,6 @@ def evaluate(method: Method, loader: DataLoader, rule: str = "any", progress: bo
         "num_samples": n,
         "macro_accuracy": float(per_class[seen].mean()) if seen.any() else float("nan"),
         "per_class_accuracy": [None if torch.isnan(a) else round(float(a), 4) for a in per_class],
+        "seconds_per_batch": seconds / max(batches, 1),
+        "batch_size": loader.batch_size,
     }

@@ -30,6 +30,7 @@ from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.config import build, load_run_config, to_yaml
 from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
+from alignednorm.engine.environment import environment
 from alignednorm.engine.evaluate import evaluate
 from alignednorm.engine.io import clean_stale_temp_files, load_tensors, save_tensors, write_json, write_text
 from alignednorm.engine.trainer import Trainer, seed_everything
@@ -85,6 +86,8 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return _SHA_CACHE[key]
 
 
+# What a run costs (time, memory): kept apart from its results, which are deterministic.
+COST_KEYS = ("seconds_per_iter", "peak_memory_mb", "seconds_per_batch", "batch_size")
 # Settings that change how a run is carried out or logged, never its numbers.
 NON_RESULT_KEYS = {"train": ("num_workers", "log_every", "tensorboard", "wandb_project"), "data": ("eval_batch_size",)}
 
@@ -256,7 +259,7 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
         trainer.try_resume()  # a damaged checkpoint stops here, before any file of the run is rewritten
     if main:
         write_text(run_dir / "config.yaml", to_yaml(spec.config))
-        write_json(run_dir / "run.json", _run_info(spec, train_split, identity))
+        write_json(run_dir / "run.json", _run_info(spec, train_split, identity, method))
     train_stats = {}
     if trainer is not None:
         transform = D.build_transform(backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale),
@@ -267,8 +270,9 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
         if main:
             save_tensors(run_dir / "learnable.safetensors", method.learnable_state_dict(),
                          metadata={"method": spec.method, "classnames": json.dumps(train_split.classnames)})
+    cost = {k: train_stats.pop(k) for k in COST_KEYS if k in train_stats}
     metrics = {"method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "seed": train_cfg.seed,
-               "train": train_stats, "eval": {}}
+               "train": train_stats, "cost": cost, "eval": {}}
     if main:
         write_json(run_dir / "metrics.json", metrics)
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete; learnable.safetensors stays
@@ -343,8 +347,10 @@ def _checked_clip(run_dir: Path, info: dict, clip: str | Path | None) -> Path:
     return clip_path
 
 
-def _run_info(spec: RunSpec, split: D.DatasetSplits, identity: dict) -> dict:
+def _run_info(spec: RunSpec, split: D.DatasetSplits, identity: dict, method: Method) -> dict:
     return {
+        "environment": environment(),
+        "learnable_parameters": sum(p.numel() for p in method.learnable_parameters()),
         "method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "train_subset": spec.train_subset,
         "classnames": split.classnames, "template": D.get_dataset(spec.dataset).template,
         "clip": str(Path(spec.clip).resolve()), "clip_model": spec.clip_model, "clip_sha256": identity["clip_sha256"],

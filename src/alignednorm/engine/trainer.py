@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
+from alignednorm.engine.environment import peak_memory_mb
 from alignednorm.engine.io import save_torch
 from alignednorm.engine.tracking import RunTracker
 from alignednorm.errors import AlignedNormError, CheckpointError, ConfigError
@@ -236,15 +237,20 @@ class Trainer:
         self.tracker = RunTracker(self.run_dir, self.config.tensorboard, self.config.wandb_project,
                                   start_step=self.global_step, config=asdict(self.config))
         last: dict = {}
+        seconds, steps = 0.0, 0
         try:
             for epoch in range(self.start_epoch, self.config.epochs):
                 self.method.on_epoch_start(self.step_state(epoch, 0))
+                start, first_step = time.time(), self.global_step
                 last = self._train_epoch(dataset, epoch)
+                seconds, steps = seconds + time.time() - start, steps + self.global_step - first_step
                 self.method.on_epoch_end(self.step_state(epoch, 0))
                 self.save_checkpoint(epoch)
                 distributed.barrier()  # nobody starts the next epoch before the checkpoint exists
         finally:
             self.tracker.close()
+        if steps:  # the cost of this attempt (after a resume: of the epochs it ran)
+            last = {**last, "seconds_per_iter": seconds / steps, "peak_memory_mb": peak_memory_mb(self.device)}
         return last
 
     def step_state(self, epoch: int, step: int) -> StepState:

@@ -171,6 +171,8 @@ def report_cmd(
     suite: Annotated[str | None, typer.Option(help="suite whose datasets are the rows (default: the runs')")] = None,
     write: Annotated[bool, typer.Option("--write/--no-write", help="also write .md/.csv/.tex files")] = True,
     report_dir: Annotated[Path | None, typer.Option(help="where files go (default OUTPUT_DIR/report)")] = None,
+    cost: Annotated[bool, typer.Option(help="also the cost table (train/test seconds, parameters, memory; Table 5)")
+                    ] = False,
 ) -> None:
     """Build the paper's tables from the runs' metrics.json files (mean ± std over seeds)."""
     from alignednorm.results import FORMATS, render_all, write_report
@@ -183,6 +185,11 @@ def report_cmd(
         raise typer.BadParameter(f"{compare!r}; the only published numbers shipped are 'paper'", param_hint="--compare")
     _register_extras()
     tables = build_report(output_dir, suite=suite, compare=compare)
+    if cost:
+        from .cost import cost_table
+
+        table = cost_table(output_dir)
+        tables += [table] if table is not None else []
     if not tables:
         typer.echo(f"no evaluated runs (metrics.json with accuracies) under {output_dir}")
         return

@@ -36,6 +36,7 @@ from alignednorm.config import preset_path, resolve_config, to_yaml
 from alignednorm.data.catalog import Suite, get_suite
 from alignednorm.engine.io import clean_stale_temp_files, write_json, write_text
 from alignednorm.engine.run import (
+    COST_KEYS,
     RunLock,
     RunSpec,
     TrainedRun,
@@ -314,6 +315,7 @@ def run_eval_step(job: Job, step: EvalStep, trained: TrainedRun) -> dict:
         clean_stale_temp_files(run_dir)
         splits = D.load_splits(step.target, job.data_root)
         results = {ev.name: _evaluate(job, trained, step.target, splits, ev) for ev in step.evaluations}
+        cost = {name: {k: r.pop(k) for k in COST_KEYS if k in r} for name, r in results.items()}
         cfg = trained.config.copy()
         for key, value in step.method_overrides.items():
             cfg.method[key] = value
@@ -322,7 +324,7 @@ def run_eval_step(job: Job, step: EvalStep, trained: TrainedRun) -> dict:
             "protocol": step.protocol or job.protocol, "method": job.method, "variant": job.variant,
             "suite": job.suite, "dataset": job.dataset, "target": step.target, "shots": job.shots, "seed": job.seed,
             "method_overrides": dict(step.method_overrides), "settings": step.settings(),
-            "train_run": str(Path(job.train_dir).resolve()), "eval": results,
+            "train_run": str(Path(job.train_dir).resolve()), "eval": results, "cost": cost,
         }
         write_json(run_dir / "metrics.json", metrics)
     return metrics
