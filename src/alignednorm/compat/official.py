@@ -1,4 +1,4 @@
-"""Import prompts trained with the official MMRL / MMRL++ / AlignedNorm code.
+"""Import prompts trained with the official MMRL / MMRL++ / AlignedNorm / MaPLe / PromptSRC code.
 
 Dassl saves the whole ``CustomCLIP`` state dict (frozen CLIP included) in
 ``<output>/MultiModalRepresentationLearner/model.pth.tar-<epoch>``. We keep only the learned
@@ -70,18 +70,52 @@ def to_official_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {ours_to_official(k) or k: v for k, v in state.items()}
 
 
-def convert_official_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep the learned tensors of an official state dict, under our names."""
+# Deep prompt methods (MaPLe, PromptSRC): official name pattern -> our name; block indices shift
+# (official ``compound_prompts_text[i]`` / ``resblocks.{i}.VPT_shallow`` -> our 1-based block number).
+_DEEP_RULES: dict[str, list[tuple[str, object]]] = {
+    "maple": [
+        (r"prompt_learner\.ctx$", lambda m: "text_prompts.1"),
+        (r"prompt_learner\.compound_prompts_text\.(\d+)$", lambda m: f"text_prompts.{int(m[1]) + 2}"),
+        (r"prompt_learner\.proj\.(weight|bias)$", lambda m: f"couplings.1.{m[1]}"),
+        (r"prompt_learner\.compound_prompt_projections\.(\d+)\.(weight|bias)$",
+         lambda m: f"couplings.{int(m[1]) + 2}.{m[2]}"),
+    ],
+    "promptsrc": [
+        (r"prompt_learner\.ctx$", lambda m: "text_prompts.1"),
+        (r"image_encoder\.VPT$", lambda m: "vision_prompts.1"),
+        (r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$", lambda m: f"text_prompts.{int(m[1]) + 1}"),
+        (r"image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$", lambda m: f"vision_prompts.{int(m[1]) + 1}"),
+    ],
+}
+
+
+def deep_official_to_ours(method: str, name: str) -> str | None:
+    """Our name for an official MaPLe / PromptSRC learnable tensor (``None`` for frozen ones)."""
+    name = name.removeprefix("module.")
+    for pattern, target in _DEEP_RULES[method]:
+        match = re.match(pattern, name)
+        if match:
+            return target(match)
+    return None
+
+
+def convert_official_state(state: dict[str, torch.Tensor], method: str | None = None) -> dict[str, torch.Tensor]:
+    """Keep the learned tensors of an official state dict, under our names.
+
+    ``method`` picks the naming of a deep prompt method (``maple``, ``promptsrc``); otherwise the
+    MMRL / MMRL++ / AlignedNorm names are read.
+    """
+    convert = (lambda n: deep_official_to_ours(method, n)) if method in _DEEP_RULES else official_to_ours
     out = {}
     for name, tensor in state.items():
-        ours = official_to_ours(name)
+        ours = convert(name)
         if ours is not None:
             out[ours] = tensor
     if not out:
-        raise CheckpointError(
-            "no MMRL/MMRL++/AlignedNorm learnable tensors found (expected names such as "
-            "'representation_learner.compound_rep_tokens')"
-        )
+        expected = ("'prompt_learner.ctx'" if method in _DEEP_RULES
+                    else "'representation_learner.compound_rep_tokens'")
+        raise CheckpointError(f"no {method or 'MMRL/MMRL++/AlignedNorm'} learnable tensors found "
+                              f"(expected names such as {expected})")
     return out
 
 
@@ -106,5 +140,5 @@ def read_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 def import_official(method: Method, path: str | Path) -> None:
     """Load learned values from an official checkpoint into ``method`` (strict on what it needs)."""
-    state = convert_official_state(read_official_checkpoint(path))
+    state = convert_official_state(read_official_checkpoint(path), method.name if method.name in _DEEP_RULES else None)
     method.load_learnable_state_dict(state, source=str(path))
