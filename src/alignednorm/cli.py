@@ -108,12 +108,28 @@ def _one_job(method: str, dataset: str, data_root: Path | None, clip: Path, clip
     step = EvalStep(dataset, str(run_dir / "eval" / f"{dataset}{step_suffix}"), tuple(evaluations), protocol=protocol)
     job = request.job(protocol, dataset, shots, seed, train_subset, [step])
     job.resume = resume
+    job.command = _command_line(request, protocol, dataset, shots, seed, train_subset, step_suffix)
     metrics = run_job(job, force=force)[dataset]
     for name, result in metrics["eval"].items():
         typer.echo(f"{method} {dataset}/{result['classes']} ({name}, rule {result['rule']}): "
                    f"{result['accuracy']:.2f}% on {result['num_samples']} images")
     typer.echo(f"run folder: {run_dir}")
     return metrics
+
+
+def _command_line(request, protocol, dataset, shots, seed, train_subset, step_suffix) -> str:
+    """The ``train``/``eval`` command that reproduces a job (recorded in run.json and model cards)."""
+    from alignednorm.engine.run import format_command
+
+    words = (["eval", "--method", request.method, "--dataset", dataset, "--subset", step_suffix[1:]] if protocol == "eval"
+             else ["train", "--method", request.method, "--dataset", dataset, "--protocol", protocol, "--shots", shots,
+                   "--seed", seed, "--subset", train_subset])
+    words += ["--data-root", request.data_root, "--clip", request.clip]
+    words += ["--clip-model", request.clip_model] if request.clip_model else []
+    words += ["--config", request.config_file] if request.config_file else []
+    words += [w for item in request.sets for w in ("--set", item)]
+    words += ["--tag", request.tag] if request.tag else []
+    return format_command(["alignednorm", *words])
 
 
 def _dataset_suites(dataset: str) -> tuple[str, ...]:
@@ -292,6 +308,18 @@ def bench_cmd(
     backbone = ClipBackbone.from_file(resolve_clip_path(clip)) if clip else None
     result = run_bench(method, geometry, counts, batch, iters, device, backbone)
     typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_result(result))
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a finished training run folder")],
+    out_dir: Annotated[Path, typer.Argument(help="the folder to write (config JSON, safetensors, model card)")],
+    force: Annotated[bool, typer.Option(help="write into a non-empty folder")] = False,
+) -> None:
+    """Write a self-contained, shareable folder of a trained prompt (loads with alignednorm.load / predict)."""
+    from alignednorm.export import export_run
+
+    typer.echo(f"wrote {export_run(run_dir, out_dir, force=force)}")
 
 
 @app.command("predict")

@@ -182,10 +182,15 @@ def load_run_config(method: str, path: str | Path) -> DictConfig:
 
     Keys the saved file lacks (a field added since) take their defaults.
     """
-    cfg = _merge(_schema(method), _load_yaml(Path(path)), str(path))
+    return run_config_from(method, _load_yaml(Path(path)), str(path))
+
+
+def run_config_from(method: str, saved, source: str) -> DictConfig:
+    """A saved ``{method, train, data}`` mapping merged strictly over the schema (see :func:`load_run_config`)."""
+    cfg = _merge(_schema(method), saved, source)
     stray = sorted(set(cfg) - {"method", "train", "data"})
     if stray:
-        raise ConfigError(f"{path}: unexpected top-level keys {stray}; expected method, train and data")
+        raise ConfigError(f"{source}: unexpected top-level keys {stray}; expected method, train and data")
     build(method, cfg)
     return cfg
 

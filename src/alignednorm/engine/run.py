@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import os
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
-from alignednorm.config import build, load_run_config, to_yaml
+from alignednorm.config import build, load_run_config, run_config_from, to_yaml
 from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
 from alignednorm.engine.environment import environment
@@ -55,6 +57,7 @@ class RunSpec:
         shots: K-shot training (0 = all training images).
         train_subset: classes trained on: ``base`` (base-to-new) or ``all``.
         cache_dir: few-shot index cache (default: ``<output>/../.fewshot-cache``, beside the runs).
+        command: the command line that asked for the run (recorded in ``run.json`` and model cards).
     """
 
     method: str
@@ -68,6 +71,12 @@ class RunSpec:
     clip_model: str | None = None
     cache_dir: str | None = None
     progress: bool = True
+    command: str | None = None
+
+
+def format_command(words) -> str:
+    """A shell command line from its words (quoted where needed), for records and model cards."""
+    return " ".join(shlex.quote(str(w)) for w in words)
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -86,6 +95,8 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return _SHA_CACHE[key]
 
 
+# The config file of a folder written by ``alignednorm export`` (alignednorm.export).
+EXPORT_CONFIG = "alignednorm_config.json"
 # What a run costs (time, memory): kept apart from its results, which are deterministic.
 COST_KEYS = ("seconds_per_iter", "peak_memory_mb", "seconds_per_batch", "batch_size")
 # Settings that change how a run is carried out or logged, never its numbers.
@@ -322,8 +333,11 @@ def load_run(run_dir: str | Path, backbone: ClipBackbone | None = None, clip: st
         device: where to put a backbone loaded here (default CPU).
     """
     run_dir = Path(run_dir)
-    info = read_run_info(run_dir)
-    cfg = load_run_config(info["method"], run_dir / "config.yaml")
+    if (run_dir / EXPORT_CONFIG).is_file():
+        info, cfg = read_exported(run_dir)
+    else:
+        info = read_run_info(run_dir)
+        cfg = load_run_config(info["method"], run_dir / "config.yaml")
     if backbone is None:
         backbone = ClipBackbone.from_file(_checked_clip(run_dir, info, clip), info.get("clip_model"))
         backbone = backbone.to(device or "cpu")
@@ -334,6 +348,20 @@ def load_run(run_dir: str | Path, backbone: ClipBackbone | None = None, clip: st
         method.load_learnable_state_dict(load_tensors(weights), source=str(weights))
         method.set_trained_classnames(info["classnames"], run_dir)
     return TrainedRun(method.eval(), info, cfg, run_dir)
+
+
+def read_exported(folder: Path) -> tuple[dict, DictConfig]:
+    """The run record and config of a folder written by ``alignednorm export``."""
+    path = folder / EXPORT_CONFIG
+    try:
+        data = json.loads(path.read_text())
+        backbone = data["backbone"]
+        info = {"method": data["method"], "classnames": data["classnames"], "template": data["templates"][0],
+                "clip": backbone["path"], "clip_sha256": backbone["sha256"], "clip_model": backbone.get("clip_model"),
+                "dataset": data.get("dataset"), "shots": data.get("shots")}
+    except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a readable exported prompt ({type(exc).__name__}: {exc})") from None
+    return info, run_config_from(info["method"], data.get("config", {}), str(path))
 
 
 def _checked_clip(run_dir: Path, info: dict, clip: str | Path | None) -> Path:
@@ -349,6 +377,7 @@ def _checked_clip(run_dir: Path, info: dict, clip: str | Path | None) -> Path:
 
 def _run_info(spec: RunSpec, split: D.DatasetSplits, identity: dict, method: Method) -> dict:
     return {
+        "command": spec.command or format_command(["alignednorm", *sys.argv[1:]]),
         "environment": environment(),
         "learnable_parameters": sum(p.numel() for p in method.learnable_parameters()),
         "method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "train_subset": spec.train_subset,

@@ -35,6 +35,10 @@ LOGGED_ONLY_WEIGHT = 0.1
 class AlignedNorm(MMRLpp):
     """MMRL++ + L_proj + L_token, evaluated with the unified (fused) rule."""
 
+    citation = """@inproceedings{alignednorm2026,
+  title = {AlignedNorm: norm alignment for prompt learning with one inference rule for base and new classes},
+  booktitle = {ICML}, year = {2026}, note = {see the paper's project page for the full author list}}"""
+
     @dataclass
     class Config(MMRLpp.Config):
         """AlignedNorm settings on top of MMRL++'s.

@@ -102,6 +102,8 @@ class Method(nn.Module):
     note: ClassVar[str] = ""
     # False for methods that learn nothing (zero-shot CLIP): a run only evaluates them.
     learns: ClassVar[bool] = True
+    # BibTeX of the method's paper, for the model card of exported prompts.
+    citation: ClassVar[str] = ""
 
     def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None):
         super().__init__()

@@ -21,6 +21,10 @@ from alignednorm.prompts.representation import LinearAligner
 class MMRL(MMRLpp):
     """MMRL with the decoupled (official) or unified inference rule."""
 
+    citation = """@inproceedings{guo2025mmrl,
+  title = {MMRL: Multi-Modal Representation Learning for Vision-Language Models},
+  author = {Guo, Yuncheng and Gu, Xiaodong}, booktitle = {CVPR}, year = {2025}}"""
+
     @dataclass
     class Config(RepresentationConfig):
         """MMRL settings: the shared ones (MMRL replaces tokens at later layers, full aligners and projection)."""

@@ -70,6 +70,10 @@ class RepresentationConfig(MethodConfig):
 class MMRLpp(Method):
     """MMRL++ with the decoupled (official) or unified inference rule."""
 
+    citation = """@article{guo2025mmrlpp,
+  title = {MMRL++: Parameter-Efficient and Interaction-Aware Representation Learning for Vision-Language Models},
+  author = {Guo, Yuncheng and Gu, Xiaodong}, journal = {arXiv preprint}, year = {2025}}"""
+
     @dataclass
     class Config(RepresentationConfig):
         """MMRL++ settings: MMRL's plus the shared-residual aligner and progressive mixing.

@@ -19,6 +19,12 @@ class ZeroShotCLIP(Method):
     """
 
     learns = False
+    citation = """@inproceedings{radford2021clip,
+  title = {Learning Transferable Visual Models From Natural Language Supervision},
+  author = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and Goh, Gabriel and
+            Agarwal, Sandhini and Sastry, Girish and Askell, Amanda and Mishkin, Pamela and Clark, Jack and
+            Krueger, Gretchen and Sutskever, Ilya},
+  booktitle = {ICML}, year = {2021}}"""
 
     @dataclass
     class Config(MethodConfig):

@@ -108,6 +108,7 @@ def _make_run_command(protocol: str):
     ) -> None:
         from alignednorm.backbone.loading import resolve_clip_path
         from alignednorm.data import resolve_data_root
+        from alignednorm.engine.run import format_command
 
         from . import expand
         from .runner import SweepRequest
@@ -124,6 +125,7 @@ def _make_run_command(protocol: str):
         jobs = expand(protocol, request)
         for job in jobs:
             job.resume = resume
+            job.command = format_command(["alignednorm", "run", protocol, *_request_words(request)])
         if dry_run:
             for job in jobs:
                 typer.echo(f"{job.name}: evaluates {', '.join(step.target for step in job.evals)}")
@@ -137,6 +139,18 @@ def _make_run_command(protocol: str):
     command.__doc__ = DOCS[protocol]
     command.__name__ = f"run_{protocol}"
     return command
+
+
+def _request_words(request) -> list:
+    """Options of ``run`` that reproduce ``request`` (for the records of its runs)."""
+    words = ["--method", request.method, "--suite", request.suite, "--data-root", request.data_root,
+             "--clip", request.clip, "--seeds", ",".join(map(str, request.seeds)), "--output", request.output]
+    words += ["--datasets", ",".join(request.datasets)] if request.datasets else []
+    words += ["--shots", ",".join(map(str, request.shots))] if request.shots else []
+    words += ["--clip-model", request.clip_model] if request.clip_model else []
+    words += ["--config", request.config_file] if request.config_file else []
+    words += [w for item in request.sets for w in ("--set", item)]
+    return words + (["--tag", request.tag] if request.tag else [])
 
 
 def _summarise(protocol: str, output: Path, outcome, total: int) -> None:

@@ -125,6 +125,7 @@ class Job:
     device: str = "auto"
     progress: bool = True
     resume: bool = True
+    command: str | None = None
 
     @property
     def name(self) -> str:
@@ -134,7 +135,7 @@ class Job:
         return RunSpec(method=self.method, dataset=self.dataset, data_root=self.data_root, clip=self.clip,
                        output=self.train_dir, config=OmegaConf.create(self.config), shots=self.shots,
                        train_subset=self.train_subset, clip_model=self.clip_model,
-                       cache_dir=self.cache_dir, progress=self.progress)
+                       cache_dir=self.cache_dir, progress=self.progress, command=self.command)
 
 
 def variant_name(tag: str | None, config_file: str | None, sets: tuple[str, ...] | list[str]) -> str:

@@ -1,0 +1,116 @@
+"""Shareable prompts: ``alignednorm export RUN_DIR OUT_DIR`` and loading such a folder.
+
+The folder is self-contained and ready to upload to a model hub as it is, in the layout PEFT and
+open_clip users know: a config JSON (``alignednorm_config.json``: method, its config, the
+backbone's file name, open_clip name and SHA-256, class names and templates, the run's metrics),
+the learned tensors (``learnable.safetensors``) and a generated model card (``README.md``: metrics
+table, the command that produced it, the citation). :func:`alignednorm.load` and ``alignednorm
+predict`` accept it like a run folder; the backbone file is passed when it is not where the
+exporting machine had it (its SHA-256 must match).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from alignednorm.engine.io import write_json, write_text
+from alignednorm.engine.run import EXPORT_CONFIG, read_run_info
+from alignednorm.errors import AlignedNormError
+from alignednorm.methods import get_method_class
+
+FORMAT = "alignednorm-prompt"
+
+
+def run_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
+    """``{target: {evaluation: accuracy}}`` from the run's evaluation folders."""
+    out = {}
+    for path in sorted(run_dir.glob("eval/*/metrics.json")):
+        data = json.loads(path.read_text())
+        out[data.get("target", path.parent.name)] = {k: round(v["accuracy"], 2) for k, v in data["eval"].items()}
+    return out
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Write the shareable folder of the trained run ``run_dir`` to ``out_dir``."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    info = read_run_info(run_dir)
+    weights = run_dir / "learnable.safetensors"
+    if get_method_class(info["method"]).learns and not weights.is_file():
+        raise AlignedNormError(f"{run_dir} has no learnable.safetensors: export a finished training run")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise AlignedNormError(f"{out_dir} exists and is not empty; choose another folder or pass --force")
+    cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    metrics = run_metrics(run_dir)
+    config = {
+        "format": FORMAT, "format_version": 1, "method": info["method"], "config": cfg,
+        "backbone": {"file": Path(info["clip"]).name, "path": info["clip"], "clip_model": info.get("clip_model"),
+                     "sha256": info["clip_sha256"]},
+        "classnames": info["classnames"], "templates": [info["template"]], "dataset": info["dataset"],
+        "shots": info["shots"], "train_subset": info["train_subset"], "metrics": metrics,
+        "command": info.get("command"), "environment": info.get("environment"),
+        "learnable_parameters": info.get("learnable_parameters"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if weights.is_file():
+        shutil.copyfile(weights, out_dir / "learnable.safetensors")
+    write_json(out_dir / EXPORT_CONFIG, config)
+    write_text(out_dir / "README.md", model_card(config))
+    return out_dir
+
+
+def model_card(config: dict) -> str:
+    """A model card (Hugging Face style front matter + Markdown) for an exported prompt."""
+    method_cls = get_method_class(config["method"])
+    rows = "\n".join(f"| {target} | " + ", ".join(f"{k} {v:.2f}" for k, v in evals.items()) + " |"
+                     for target, evals in config["metrics"].items()) or "| (not evaluated) | |"
+    backbone = config["backbone"]
+    note = f"\n> {method_cls.note}\n" if method_cls.note else ""
+    return f"""---
+library_name: alignednorm
+tags: [prompt-learning, clip, {config["method"]}]
+---
+
+# {config["method"]} prompt for {config["dataset"]} ({config["shots"]}-shot, {config["train_subset"]} classes)
+{note}
+Learned with [alignednorm](https://pypi.org/project/alignednorm/) on the CLIP backbone
+`{backbone["file"]}` (open_clip name: `{backbone["clip_model"] or "OpenAI format"}`,
+SHA-256 `{backbone["sha256"]}`); {config["learnable_parameters"] or 0:,} learned parameters.
+
+## Use
+
+```python
+import alignednorm
+model = alignednorm.load("THIS_FOLDER", clip="path/to/{backbone["file"]}")
+model.predict(["image.jpg"], classes=["cat", "dog"])
+```
+
+or `alignednorm predict THIS_FOLDER image.jpg --clip path/to/{backbone["file"]}`.
+
+## Results (top-1 accuracy, %)
+
+| test set | accuracy |
+|---|---|
+{rows}
+
+## How it was made
+
+```bash
+{config.get("command") or "(command not recorded)"}
+```
+
+Method config:
+
+```json
+{json.dumps(config["config"]["method"], indent=2)}
+```
+
+## Citation
+
+```bibtex
+{method_cls.citation.strip() or "(see the method's paper)"}
+```
+"""
