@@ -62,6 +62,36 @@ def list_datasets_cmd(suite: Annotated[str | None, typer.Option(help="only this 
         typer.echo(f"{name:20s} {spec.folder:28s} {spec.template}")
 
 
+@datasets_app.command("create")
+def datasets_create(
+    name: Annotated[str, typer.Argument(help="the new dataset's name (lower case, digits, _)")],
+    source: Annotated[Path | None, typer.Option("--from", help="a folder with one sub-folder of images per class")
+                      ] = None,
+    csv_file: Annotated[Path | None, typer.Option("--from-csv", help="a CSV with columns path,label[,split]")] = None,
+    data_root: DataRoot = None,
+    template: Annotated[str, typer.Option(help="prompt template with {} for the class name")] = "a photo of a {}.",
+    val_fraction: Annotated[float, typer.Option(help="share of each class for validation")] = 0.1,
+    test_fraction: Annotated[float, typer.Option(help="share of each class for testing")] = 0.2,
+    seed: Annotated[int, typer.Option(help="seeds the stratified split")] = 1,
+    force: Annotated[bool, typer.Option(help="replace a dataset of this name created before")] = False,
+) -> None:
+    """Add your own dataset to a data root in the CoOp layout; every command then finds it by name.
+
+    Files that are not images are skipped and listed; empty classes, classes too small to split,
+    duplicate class names and names of built-in datasets are errors.
+    """
+    from alignednorm.data import resolve_data_root
+    from alignednorm.data.custom import create_dataset
+
+    root = resolve_data_root(data_root)
+    report = create_dataset(name, root, source, csv_file, template, val_fraction, test_fraction, seed, force)
+    for path, reason in report.skipped.items():
+        typer.secho(f"skipped {path}: {reason}", err=True, fg="yellow")
+    counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
+    typer.echo(f"dataset {name!r}: {report.spec.num_classes} classes ({counts} images) in {Path(root) / name}; "
+               f"use --dataset {name} --data-root {root}")
+
+
 @datasets_app.command("check")
 def datasets_check(data_root: Annotated[Path, typer.Argument(help="the CoOp-layout data folder")],
                    names: Annotated[list[str] | None, typer.Option("--dataset")] = None) -> None:
@@ -96,10 +126,11 @@ def _one_job(method: str, dataset: str, data_root: Path | None, clip: Path, clip
 
     _setup_logging(verbose)
     _register_extras()
+    data_root = resolve_data_root(data_root)  # first: it registers the root's own datasets
     dataset = canonical_datasets([dataset])[0]
     clip = resolve_clip_path(clip)
     suites = _dataset_suites(dataset)
-    request = SweepRequest(method=method, data_root=resolve_data_root(data_root), clip=str(clip),
+    request = SweepRequest(method=method, data_root=data_root, clip=str(clip),
                            output=str(output.resolve()), suite=suites[0] if suites else "paper", datasets=(dataset,),
                            seeds=(seed,), shots=(shots,), clip_model=clip_model,
                            config_file=str(config.resolve()) if config else None, sets=tuple(sets or ()), tag=tag,

@@ -64,9 +64,9 @@ def _load_providers() -> None:
                 raise
 
 
-def register_dataset(spec: DatasetSpec) -> DatasetSpec:
-    """Add ``spec`` to the catalog; a name may be registered once."""
-    if spec.name in _REGISTRY and _REGISTRY[spec.name] != spec:
+def register_dataset(spec: DatasetSpec, replace: bool = False) -> DatasetSpec:
+    """Add ``spec`` to the catalog; a name may be registered once unless ``replace`` (a re-created dataset)."""
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] != spec and not replace:
         raise ValueError(f"dataset {spec.name!r} is already registered with a different spec")
     _REGISTRY[spec.name] = spec
     return spec

@@ -40,6 +40,9 @@ def resolve_data_root(data_root: str | os.PathLike | None) -> str:
     root = os.path.abspath(os.path.expanduser(os.fspath(data_root)))
     if not os.path.isdir(root):
         raise DataError(f"DATA_ROOT {root} does not exist or is not a folder; expected the folder holding the datasets")
+    from alignednorm.data.custom import register_catalog  # the user's own datasets in this root
+
+    register_catalog(root)
     return root
 
 
@@ -190,8 +193,8 @@ def load_splits(name_or_spec: str | DatasetSpec, data_root: str | os.PathLike | 
         DataError: on a missing data root or dataset folder (the message shows the expected
             layout), a missing or malformed split file, missing images or an empty list.
     """
+    root = resolve_data_root(data_root)  # first: it registers the root's own datasets
     spec = resolve_spec(name_or_spec)
-    root = resolve_data_root(data_root)
     dataset_dir = os.path.join(root, spec.folder)
     if not os.path.isdir(dataset_dir):
         raise DataError(f"dataset {spec.name!r}: folder {dataset_dir} not found. Expected layout:\n"
