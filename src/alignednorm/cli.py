@@ -24,9 +24,12 @@ app.add_typer(mini_app, name="mini")
 app.command("report")(report_cmd)
 
 DataRoot = Annotated[Path | None, typer.Option("--data-root", help="CoOp-layout data folder (default: $DATA_ROOT).")]
-Clip = Annotated[Path, typer.Option("--clip", help="CLIP checkpoint: OpenAI .pt, state dict, safetensors, open_clip; "
+Clip = Annotated[Path | None, typer.Option("--clip", help="CLIP checkpoint: OpenAI .pt, state dict, safetensors, open_clip; "
                                                    "'mini' for the mini benchmark's tiny CLIP.")]
 ClipModel = Annotated[str | None, typer.Option("--clip-model", help="open_clip model name for open_clip checkpoints.")]
+ClipPretrained = Annotated[str | None, typer.Option(
+    "--clip-pretrained", help="open_clip pretrained tag (e.g. laion2b_s34b_b88k) or local-dir:FOLDER, read from the "
+                              "local cache (never downloaded); with --clip-model instead of --clip")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Config override key=value, e.g. train.epochs=5.")]
 
 
@@ -120,7 +123,6 @@ def _one_job(method: str, dataset: str, data_root: Path | None, clip: Path, clip
              protocol: str, shots: int, seed: int, train_subset: str, evaluations, config: Path | None, sets,
              tag: str | None, force: bool, verbose: bool, resume: bool = True, step_suffix: str = "") -> dict:
     """``train`` and ``eval`` are one-job cases of the protocol runner: same layout, files and reuse rule."""
-    from alignednorm.backbone.loading import resolve_clip_path
     from alignednorm.data import resolve_data_root
     from alignednorm.protocols.runner import EvalStep, SweepRequest, canonical_datasets, run_job
 
@@ -128,7 +130,6 @@ def _one_job(method: str, dataset: str, data_root: Path | None, clip: Path, clip
     _register_extras()
     data_root = resolve_data_root(data_root)  # first: it registers the root's own datasets
     dataset = canonical_datasets([dataset])[0]
-    clip = resolve_clip_path(clip)
     suites = _dataset_suites(dataset)
     request = SweepRequest(method=method, data_root=data_root, clip=str(clip),
                            output=str(output.resolve()), suite=suites[0] if suites else "paper", datasets=(dataset,),
@@ -187,7 +188,7 @@ Tag = Annotated[str | None, typer.Option(help="name of this config variant (defa
 def eval_cmd(
     method: Annotated[str, typer.Option(help="a method that learns nothing (zeroshot)")] = "zeroshot",
     dataset: Annotated[str, typer.Option(help="dataset name")] = ...,
-    data_root: DataRoot = None, clip: Clip = ..., clip_model: ClipModel = None,
+    data_root: DataRoot = None, clip: Clip = None, clip_model: ClipModel = None, clip_pretrained: ClipPretrained = None,
     subset: Annotated[str, typer.Option(help="all, base or new classes")] = "all",
     output: Annotated[Path, typer.Option(help="runs folder")] = Path("runs"),
     config: Annotated[Path | None, typer.Option(help="YAML config to merge")] = None,
@@ -198,6 +199,7 @@ def eval_cmd(
 
     Trained prompts are evaluated by `alignednorm train` and `alignednorm run <protocol>`.
     """
+    from alignednorm.backbone.loading import backbone_source
     from alignednorm.methods import get_method_class
     from alignednorm.protocols.runner import Evaluation
 
@@ -207,6 +209,7 @@ def eval_cmd(
     _check_choice(subset, ("all", "base", "new"), "--subset")
     sets = [*(sets or []), *(["data.skip_corrupt=true"] if skip_corrupt else [])]
     rule = {"all": "any", "base": "seen", "new": "unseen"}[subset]
+    clip, clip_model = backbone_source(clip, clip_model, clip_pretrained)
     _one_job(method, dataset, data_root, clip, clip_model, output, "eval", 0, 1, "all",
              [Evaluation(subset, classes=subset, rule=rule)], config, sets, tag, force, verbose,
              step_suffix=f"-{subset}")
@@ -216,7 +219,7 @@ def eval_cmd(
 def train_cmd(
     method: Annotated[str, typer.Option(help="method name")] = ...,
     dataset: Annotated[str, typer.Option(help="dataset name")] = ...,
-    data_root: DataRoot = None, clip: Clip = ..., clip_model: ClipModel = None,
+    data_root: DataRoot = None, clip: Clip = None, clip_model: ClipModel = None, clip_pretrained: ClipPretrained = None,
     protocol: Annotated[str, typer.Option(help="whose presets to use: base2new, fewshot, crossdataset, domaingen")
                         ] = "base2new",
     shots: int = 16, seed: int = 1,
@@ -232,6 +235,7 @@ def train_cmd(
     The run goes to OUTPUT/PROTOCOL/DATASET/shotsK/METHOD/VARIANT/seedS, as `alignednorm run` lays
     runs out; a finished run is reused only with exactly the same settings.
     """
+    from alignednorm.backbone.loading import backbone_source
     from alignednorm.config import PROTOCOLS
     from alignednorm.protocols.base_to_new import EVALUATIONS
     from alignednorm.protocols.runner import Evaluation
@@ -241,6 +245,7 @@ def train_cmd(
     if shots < 0:
         raise AlignedNormError(f"--shots {shots}: expected K >= 0 (0 = every training image)")
     sets = [*(sets or []), *(["data.skip_corrupt=true"] if skip_corrupt else [])]
+    clip, clip_model = backbone_source(clip, clip_model, clip_pretrained)
     # Every test class was trained on after --subset all: the seen rule (MMRL++'s fused logits).
     evaluations = EVALUATIONS if subset == "base" else (Evaluation("all", classes="all", rule="seen"),)
     _one_job(method, dataset, data_root, clip, clip_model, output, protocol, shots, seed, subset, evaluations,

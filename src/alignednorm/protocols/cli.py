@@ -34,7 +34,9 @@ SuiteName = Annotated[str, typer.Option(help="benchmark suite naming the dataset
 Seeds = Annotated[list[str] | None, typer.Option(help="training seeds, e.g. --seeds 1 2 3 (the default)")]
 Shots = Annotated[list[str] | None, typer.Option(help="K shots per class (default 16; fewshot: 1,2,4,8,16)")]
 DataRoot = Annotated[Path | None, typer.Option("--data-root", help="CoOp-layout data folder (default: $DATA_ROOT).")]
-Clip = Annotated[Path, typer.Option("--clip", help="CLIP checkpoint file, or 'mini' for the mini benchmark's.")]
+Clip = Annotated[Path | None, typer.Option("--clip", help="CLIP checkpoint file, or 'mini' for the mini benchmark's.")]
+ClipPretrained = Annotated[str | None, typer.Option(
+    "--clip-pretrained", help="open_clip pretrained tag or local-dir:FOLDER (local cache only), with --clip-model")]
 ClipModel = Annotated[str | None, typer.Option("--clip-model", help="open_clip model name for open_clip checkpoints.")]
 Output = Annotated[Path, typer.Option(help="runs folder")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="config override key=value, e.g. train.epochs=5")]
@@ -88,7 +90,8 @@ def _register_extras() -> None:
 def _make_run_command(protocol: str):
     def command(
         method: Method = ..., datasets: Datasets = None, suite: SuiteName = "paper", seeds: Seeds = None,
-        shots: Shots = None, data_root: DataRoot = None, clip: Clip = ..., clip_model: ClipModel = None,
+        shots: Shots = None, data_root: DataRoot = None, clip: Clip = None, clip_model: ClipModel = None,
+        clip_pretrained: ClipPretrained = None,
         output: Output = Path("runs"), sets: Sets = None, config: Config = None, tag: Tag = None,
         device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
         force: Annotated[bool, typer.Option(help="re-run finished runs")] = False,
@@ -106,7 +109,7 @@ def _make_run_command(protocol: str):
         slurm_arg: Annotated[list[str] | None, typer.Option(help="extra sbatch option key=value")] = None,
         verbose: bool = False,
     ) -> None:
-        from alignednorm.backbone.loading import resolve_clip_path
+        from alignednorm.backbone.loading import backbone_source
         from alignednorm.data import resolve_data_root
         from alignednorm.engine.run import format_command
 
@@ -116,8 +119,9 @@ def _make_run_command(protocol: str):
 
         _setup_logging(verbose)
         _register_extras()
+        clip_file, clip_model = backbone_source(clip, clip_model, clip_pretrained)
         request = SweepRequest(
-            method=method, data_root=resolve_data_root(data_root), clip=str(resolve_clip_path(clip)),
+            method=method, data_root=resolve_data_root(data_root), clip=str(clip_file),
             output=str(output.resolve()), suite=suite, datasets=tuple(_split(datasets)) or None,
             seeds=_ints(seeds, "--seeds") or (1, 2, 3), shots=_ints(shots, "--shots"), clip_model=clip_model,
             config_file=str(config.resolve()) if config else None, sets=tuple(sets or ()), tag=tag, device=device,
