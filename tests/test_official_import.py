@@ -48,3 +48,29 @@ def test_mmrl_v1_names_and_bad_files(tmp_path):
     torch.save({"state_dict": official}, tmp_path / "partial.pth")
     with pytest.raises(CheckpointError, match=r"missing keys \['proj_rep'\]"):
         import_official(method, tmp_path / "partial.pth")
+
+
+def test_import_official_command_writes_a_loadable_folder(shared_dir, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    import alignednorm
+    from alignednorm.cli import app
+
+    fixture = shared_dir / "reference" / "mmrlpp_a"
+    learnable = load_file(str(fixture / "learnable.safetensors"))
+    torch.save({"state_dict": learnable, "epoch": 5}, tmp_path / "model.pth.tar-5")
+    args = ["import-official", "mmrlpp", str(tmp_path / "model.pth.tar-5"), str(tmp_path / "out"),
+            "--clip", str(fixture / "clip_tiny.safetensors"), "--classes", "cat,dog,bird"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "out" / "alignednorm_config.json").read_text())
+    assert config["classnames"] == ["cat", "dog", "bird"] and config["method"] == "mmrlpp"
+    predictor = alignednorm.load(tmp_path / "out")
+    ours = predictor.method.learnable_state_dict()
+    assert all(torch.equal(ours[official_to_ours(k)], v) for k, v in learnable.items())
+    assert len(predictor.predict(torch.zeros(1, 3, 32, 32), topk=2)[0]) == 2
+    # A checkpoint that does not fit the config is refused with the keys that differ.
+    bad = CliRunner().invoke(app, [*args[:3], str(tmp_path / "out2"), *args[4:], "--set", "method.n_rep_tokens=3"])
+    assert isinstance(bad.exception, CheckpointError) and "wrong shapes" in str(bad.exception)

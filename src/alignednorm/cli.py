@@ -358,6 +358,39 @@ def export_cmd(
     typer.echo(f"wrote {export_run(run_dir, out_dir, force=force)}")
 
 
+@app.command("import-official")
+def import_official_cmd(
+    method: Annotated[str, typer.Argument(help="mmrl, mmrlpp, alignednorm, maple, promptsrc, ...")],
+    checkpoint: Annotated[Path, typer.Argument(help="the official code's model.pth.tar-N")],
+    out_dir: Annotated[Path, typer.Argument(help="the shareable folder to write")],
+    clip: Clip = None, clip_model: ClipModel = None, clip_pretrained: ClipPretrained = None,
+    dataset: Annotated[str | None, typer.Option(help="dataset it was trained on: presets, class names, template")
+                       ] = None,
+    data_root: DataRoot = None,
+    classes: Annotated[str | None, typer.Option(help="comma-separated class names (else the dataset's base classes)")
+                       ] = None,
+    template: Annotated[str | None, typer.Option(help="prompt template (else the dataset's)")] = None,
+    sets: Sets = None, force: bool = False,
+) -> None:
+    """Turn an official (Dassl) checkpoint into a folder that alignednorm.load and predict read."""
+    from alignednorm.backbone.loading import backbone_source
+    from alignednorm.data import get_dataset, load_splits, resolve_data_root, subsample_classes
+    from alignednorm.export import import_official_checkpoint
+
+    clip, clip_model = backbone_source(clip, clip_model, clip_pretrained)
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    if dataset is not None:
+        root = resolve_data_root(data_root) if names is None else None
+        spec = get_dataset(dataset)
+        names = names or subsample_classes(load_splits(spec.name, root), "base").classnames
+        template, dataset = template or spec.template, spec.name
+    if not names:
+        raise AlignedNormError("give --classes, or --dataset (with --data-root) to take its base classes")
+    out = import_official_checkpoint(method, checkpoint, out_dir, clip, clip_model, names,
+                                     template or "a photo of a {}.", dataset, sets, force)
+    typer.echo(f"wrote {out}")
+
+
 @app.command("predict")
 def predict_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],

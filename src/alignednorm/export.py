@@ -62,6 +62,42 @@ def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) ->
     return out_dir
 
 
+def import_official_checkpoint(method: str, checkpoint: str | Path, out_dir: str | Path, clip: Path,
+                               clip_model: str | None, classnames: list[str], template: str, dataset: str | None,
+                               sets: list[str] | None = None, force: bool = False) -> Path:
+    """Turn a checkpoint of the method's official (Dassl) code into a shareable folder.
+
+    The method's config is its preset (for ``dataset`` when given) with ``sets`` on top; the
+    learned tensors are renamed by :mod:`alignednorm.compat.official` and loaded strictly, so a
+    checkpoint that does not fit the config and backbone is refused with the keys that differ.
+    """
+    from alignednorm.backbone.clip import ClipBackbone
+    from alignednorm.compat.official import import_official
+    from alignednorm.config import build, resolve_config
+    from alignednorm.engine.io import save_tensors
+    from alignednorm.engine.run import file_sha256
+    from alignednorm.methods import create_method
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise AlignedNormError(f"{out_dir} exists and is not empty; choose another folder or pass --force")
+    cfg = resolve_config(method, "base2new", dataset, None, list(sets or []))
+    model = create_method(method, ClipBackbone.from_file(clip, clip_model), build(method, cfg)[0])
+    import_official(model, checkpoint)
+    config = {
+        "format": FORMAT, "format_version": 1, "method": method, "config": OmegaConf.to_container(cfg, resolve=True),
+        "backbone": {"file": Path(clip).name, "path": str(Path(clip).resolve()), "clip_model": clip_model,
+                     "sha256": file_sha256(clip)},
+        "classnames": list(classnames), "templates": [template], "dataset": dataset or "unknown", "shots": None,
+        "train_subset": "unknown", "metrics": {}, "command": f"imported from the official checkpoint {checkpoint}",
+        "learnable_parameters": sum(p.numel() for p in model.learnable_parameters()),
+    }
+    save_tensors(out_dir / "learnable.safetensors", model.learnable_state_dict(), metadata={"method": method})
+    write_json(out_dir / EXPORT_CONFIG, config)
+    write_text(out_dir / "README.md", model_card(config))
+    return out_dir
+
+
 def model_card(config: dict) -> str:
     """A model card (Hugging Face style front matter + Markdown) for an exported prompt."""
     method_cls = get_method_class(config["method"])
@@ -74,7 +110,7 @@ library_name: alignednorm
 tags: [prompt-learning, clip, {config["method"]}]
 ---
 
-# {config["method"]} prompt for {config["dataset"]} ({config["shots"]}-shot, {config["train_subset"]} classes)
+# {config["method"]} prompt for {config["dataset"]} ({config["shots"] or "?"}-shot, {config["train_subset"]} classes)
 {note}
 Learned with [alignednorm](https://pypi.org/project/alignednorm/) on the CLIP backbone
 `{backbone["file"]}` (open_clip name: `{backbone["clip_model"] or "OpenAI format"}`,
