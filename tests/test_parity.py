@@ -1,4 +1,4 @@
-"""Parity with the official MMRL++ and AlignedNorm code on every fixture in shared/reference."""
+"""Parity with the official code on every fixture in shared/reference whose method has a parity module."""
 
 import json
 import subprocess
@@ -13,7 +13,7 @@ ALL_FIXTURES = sorted(p.parent for p in (SHARED / "reference").glob("*/manifest.
 
 
 def _supported(fixture) -> bool:
-    """Fixtures of methods the parity harness covers (MaPLe, PromptSRC, HiCroPL, Nemesis: issues 16-18)."""
+    """Fixtures whose official config section has a parity module (``parity.SECTIONS``; HiCroPL has none yet)."""
     return any(section in json.loads((fixture / "manifest.json").read_text())["config"] for section in SECTIONS)
 
 
@@ -42,7 +42,7 @@ def test_parity_command_exit_status(shared_dir):
 
 
 def test_fixture_list_is_not_empty(shared_dir):
-    assert {f.name for f in FIXTURES} >= {"mmrlpp_a", "alignednorm_a"}
+    assert {f.name for f in FIXTURES} >= {"mmrlpp_a", "alignednorm_a", "nemesis_pun_a", "nemesis_pan_a"}
 
 
 @pytest.mark.parametrize("source", ["mmrlpp_a", "alignednorm_a"])

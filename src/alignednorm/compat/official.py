@@ -1,4 +1,4 @@
-"""Import prompts trained with the official MMRL / MMRL++ / AlignedNorm / MaPLe / PromptSRC code.
+"""Import prompts trained with the official MMRL / MMRL++ / AlignedNorm / MaPLe / PromptSRC / CoOp / Nemesis code.
 
 Dassl saves the whole ``CustomCLIP`` state dict (frozen CLIP included) in
 ``<output>/MultiModalRepresentationLearner/model.pth.tar-<epoch>``. We keep only the learned
@@ -89,8 +89,16 @@ _DEEP_RULES: dict[str, list[tuple[str, object]]] = {
 }
 
 
+# CoOp and Nemesis (KaiyangZhou/CoOp, ShyFoo/Nemesis): only the context learns. Dassl saves the prompt
+# learner alone (``prompt_learner/model.pth.tar-N``, keys ``ctx``, ``token_prefix``, ``token_suffix``);
+# a whole-model state dict names it ``prompt_learner.ctx``. The token buffers are dropped (rebuilt from
+# the current class names, as the official loader does).
+_COOP_RULES: list[tuple[str, object]] = [(r"(?:prompt_learner\.)?ctx$", lambda m: "context.ctx")]
+_DEEP_RULES.update(coop=_COOP_RULES, nemesis=_COOP_RULES)
+
+
 def deep_official_to_ours(method: str, name: str) -> str | None:
-    """Our name for an official MaPLe / PromptSRC learnable tensor (``None`` for frozen ones)."""
+    """Our name for an official MaPLe / PromptSRC / CoOp / Nemesis learnable tensor (``None`` for frozen ones)."""
     name = name.removeprefix("module.")
     for pattern, target in _DEEP_RULES[method]:
         match = re.match(pattern, name)
@@ -102,7 +110,7 @@ def deep_official_to_ours(method: str, name: str) -> str | None:
 def convert_official_state(state: dict[str, torch.Tensor], method: str | None = None) -> dict[str, torch.Tensor]:
     """Keep the learned tensors of an official state dict, under our names.
 
-    ``method`` picks the naming of a deep prompt method (``maple``, ``promptsrc``); otherwise the
+    ``method`` picks the naming of a prompt method (``maple``, ``promptsrc``, ``coop``, ``nemesis``); otherwise the
     MMRL / MMRL++ / AlignedNorm names are read.
     """
     convert = (lambda n: deep_official_to_ours(method, n)) if method in _DEEP_RULES else official_to_ours
