@@ -130,3 +130,40 @@ def test_changed_settings_never_return_old_numbers(json_dataset, clip_file, tmp_
     (first / "run.json").write_text(json.dumps(info))
     assert "config.train.lr: 0.5 -> 0.001" in _fails(*base, "--clip", clip_file, "--shots", 4)
     _invoke(*base, "--clip", clip_file, "--shots", 4, "--force")  # --force replaces it
+
+
+def test_best_val_selection_through_the_run_path(json_dataset, clip_file, tmp_path):
+    _invoke("train", "--method", "mmrlpp", "--dataset", "oxford_pets", "--data-root", json_dataset.root, "--clip",
+            clip_file, "--shots", 2, "--output", tmp_path / "runs", "--set", "method.rep_layers=[2,3]",
+            "--set", "method.rep_dim=16", "--set", "train.epochs=2", "--set", "train.batch_size=2",
+            "--set", "train.select=best-val")
+    run_dir = _single(tmp_path / "runs", "base2new/oxford_pets/shots2/mmrlpp/*/seed1")
+    train = json.loads((run_dir / "metrics.json").read_text())["train"]
+    assert train["selected_epoch"] in (1, 2) and 0.0 <= train["val_accuracy"] <= 100.0
+    logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in logged if "val_accuracy" in e] == [1, 2]
+
+
+def test_class_descriptions_file_is_checked_and_recorded(json_dataset, clip_file, tmp_path):
+    from alignednorm.engine.run import dataset_label_space
+
+    good = {n: [f"a photo of a {n}.", f"a {n}, a pet."] for n in json_dataset.names}
+    path = tmp_path / "oxford_pets.json"
+    path.write_text(json.dumps(good))
+    space = dataset_label_space("oxford_pets", json_dataset.names[:2], str(tmp_path))  # a folder of <dataset>.json
+    assert space.descriptions["abyssinian"] == ("a photo of a abyssinian.", "a abyssinian, a pet.")
+    path.write_text(json.dumps({**good, "beagle": []}))
+    with pytest.raises(AlignedNormError, match="oxford_pets.json: the description list of class 'beagle' is empty"):
+        dataset_label_space("oxford_pets", json_dataset.names, str(path))
+    path.write_text(json.dumps({k: v for k, v in good.items() if k != "boxer"}))
+    with pytest.raises(AlignedNormError, match="oxford_pets.json: no descriptions for class 'boxer'"):
+        dataset_label_space("oxford_pets", json_dataset.names, str(path))
+    path.write_text("{not json")
+    with pytest.raises(AlignedNormError, match="oxford_pets.json: not a readable JSON file"):
+        dataset_label_space("oxford_pets", json_dataset.names, str(path))
+    # A method that does not read descriptions records no fallback.
+    out = _invoke("eval", "--dataset", "oxford_pets", "--data-root", json_dataset.root, "--clip", clip_file,
+                  "--output", tmp_path / "runs")
+    assert "zeroshot" in out
+    (info,) = (tmp_path / "runs").rglob("run.json")
+    assert json.loads(info.read_text())["description_fallback"] is False

@@ -249,3 +249,12 @@ def test_cost_table_from_real_runs(json_dataset, tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[3]) == round(info["learnable_parameters"] / 1e6, 3)
     assert cells[5] != "-" and cells[6] == "1" and cells[7] == "CPU"
+
+
+def test_description_fallback_is_its_own_report_row(tmp_path):
+    from alignednorm.results import records_from
+
+    data = {"protocol": "base2new", "method": "hicropl", "variant": "default", "dataset": "dtd", "seed": 1,
+            "shots": 16, "description_fallback": True, "eval": {"base": {"accuracy": 70.0}}}
+    (record,) = records_from(data, tmp_path / "metrics.json", tmp_path)
+    assert record.variant == "default+templates-no-descriptions"

@@ -157,3 +157,22 @@ def test_precision_auto_and_step_state_hooks(backbone):
         TrainConfig(optimizer="lamb")
     with pytest.raises(ConfigError, match="train.lr = inf; expected a finite number"):
         TrainConfig(lr=float("inf"))
+
+
+def test_best_val_selection_keeps_the_best_epoch(backbone, tmp_path):
+    method = _method(backbone)
+    states, scores = [], iter([50.0, 80.0, 80.0, 60.0])
+
+    def validate(m):
+        states.append(m.learnable_state_dict())
+        return next(scores)
+
+    cfg = TrainConfig(epochs=4, batch_size=4, warmup_epochs=0, lr=1e-2, select="best-val")
+    stats = Trainer(method, cfg, run_dir=tmp_path, progress=False).fit(_data(), validate=validate)
+    assert stats["selected_epoch"] == 2 and stats["val_accuracy"] == 80.0  # a tie keeps the earlier epoch
+    assert all(torch.equal(v, states[1][k]) for k, v in method.learnable_state_dict().items())
+    assert not all(torch.equal(v, states[3][k]) for k, v in method.learnable_state_dict().items())
+    with pytest.raises(ConfigError, match="best-val' needs a validation split"):
+        Trainer(_method(backbone), cfg, progress=False).fit(_data())
+    with pytest.raises(ConfigError, match="train.select = 'best'"):
+        TrainConfig(select="best")

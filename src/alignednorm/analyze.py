@@ -78,12 +78,12 @@ def _unnormalise(images: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def record_subset(method: Method, split: D.DatasetSplits, dataset: str, rule: str, batch_size: int = 32,
-                  progress: bool = True) -> SubsetRecord:
+                  progress: bool = True, descriptions: str = "") -> SubsetRecord:
     """One traced pass of ``method`` over ``split.test``: features, branches, norms and attention."""
     from alignednorm.analysis import class_attention_map, layer_norms, prompt_attention_share
 
     method.eval()
-    method.set_label_space(dataset_label_space(dataset, split.classnames))
+    method.set_label_space(dataset_label_space(dataset, split.classnames, descriptions))
     transform = D.build_transform(method.backbone.image_size, train=False)
     loader = DataLoader(D.ImageListDataset(split.test, transform), batch_size=batch_size, collate_fn=skip_none_collate)
     backbone, record = method.backbone, SubsetRecord()
@@ -211,7 +211,7 @@ def _record_run(trained: TrainedRun, method: Method, options: AnalysisOptions) -
     for classes, rule in SUBSETS:
         split = _test_items(trained, classes, str(data_root), options.max_images, options.seed)
         out[classes] = record_subset(method, split, trained.info["dataset"], rule, options.batch_size,
-                                     options.progress)
+                                     options.progress, trained.data_config.descriptions)
     return out
 
 

@@ -37,12 +37,16 @@ class DataConfig:
         hflip: random horizontal flips of training images.
         eval_batch_size: images per evaluation batch.
         skip_corrupt: skip unreadable images (and count them) instead of failing.
+        descriptions: CuPL-style class descriptions (``{"class": ["sentence", ...]}``): a JSON file,
+            or a folder holding ``<dataset>.json`` per dataset; "" for none (methods that use
+            descriptions then fall back to the templates, and the run records it).
     """
 
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     hflip: bool = True
     eval_batch_size: int = 100
     skip_corrupt: bool = False
+    descriptions: str = ""
 
 
 def preset_path(method: str) -> Path:

@@ -68,6 +68,8 @@ def records_from(data: dict, path: Path, root: Path) -> list[Record]:
     evals = data.get("eval") or {}
     if "protocol" in data:
         protocol, variant, suite = data["protocol"], data.get("variant", "default"), data.get("suite")
+        if data.get("description_fallback"):  # a description method that ran on templates is its own row
+            variant = f"{variant}+templates-no-descriptions"
     else:
         parts = path.relative_to(root).parts
         protocol, variant, suite = (parts[0] if len(parts) > 1 else "unknown"), "default", None

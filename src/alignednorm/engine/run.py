@@ -14,6 +14,7 @@ that differ. Evaluations are the protocols' business (:mod:`alignednorm.protocol
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from alignednorm.engine.io import clean_stale_temp_files, load_tensors, save_ten
 from alignednorm.engine.trainer import Trainer, seed_everything
 from alignednorm.errors import AlignedNormError, CheckpointError
 from alignednorm.methods import Method, create_method
-from alignednorm.prompts.label_space import LabelSpace
+from alignednorm.prompts.label_space import LabelSpace, read_descriptions
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +208,17 @@ def load_split(spec: RunSpec, seed: int) -> D.DatasetSplits:
     return D.subsample_classes(splits, spec.train_subset)
 
 
-def dataset_label_space(dataset: str, classnames) -> LabelSpace:
-    """The label space of ``classnames`` phrased with ``dataset``'s template."""
-    return LabelSpace(tuple(classnames), (D.get_dataset(dataset).template,))
+def dataset_label_space(dataset: str, classnames, descriptions: str = "") -> LabelSpace:
+    """The label space of ``classnames`` phrased with ``dataset``'s template (and descriptions, when given).
+
+    ``descriptions`` is ``data.descriptions``: a CuPL-style JSON file, or a folder of ``<dataset>.json``.
+    """
+    template = (D.get_dataset(dataset).template,)
+    if not descriptions:
+        return LabelSpace(tuple(classnames), template)
+    path = Path(descriptions)
+    path = path / f"{dataset}.json" if path.is_dir() else path
+    return LabelSpace(tuple(classnames), template, read_descriptions(path), str(path))
 
 
 def eval_loader(items, backbone: ClipBackbone, batch_size: int, skip_corrupt: bool) -> DataLoader:
@@ -260,7 +269,7 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
     backbone = backbone or ClipBackbone.from_file(spec.clip, spec.clip_model)
     method = create_method(spec.method, backbone, method_cfg).to(next(backbone.parameters()).device)
     train_split = load_split(spec, train_cfg.seed)
-    method.set_label_space(dataset_label_space(spec.dataset, train_split.classnames))
+    method.set_label_space(dataset_label_space(spec.dataset, train_split.classnames, data_cfg.descriptions))
     learns = bool(method.learnable_parameters())
     if learns:
         method.set_trained_classnames(train_split.classnames, run_dir)
@@ -276,7 +285,8 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
         transform = D.build_transform(backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale),
                                       hflip=data_cfg.hflip)
         dataset = D.ImageListDataset(train_split.train, transform, skip_corrupt=data_cfg.skip_corrupt)
-        train_stats = trainer.fit(dataset, resume=False)
+        validate = _validator(train_split, spec.dataset, data_cfg) if train_split.val else None
+        train_stats = trainer.fit(dataset, resume=False, validate=validate)
         train_stats["skipped_images"] = dataset.num_skipped
         if main:
             save_tensors(run_dir / "learnable.safetensors", method.learnable_state_dict(),
@@ -291,6 +301,17 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
     return metrics
 
 
+def _validator(split: D.DatasetSplits, dataset: str, data_cfg):
+    """``validate(method) -> accuracy`` on the training classes' validation images (the seen rule)."""
+    val = dataclasses.replace(split, test=split.val)
+
+    def validate(method: Method) -> float:
+        with torch.no_grad():
+            return evaluate_split(method, val, dataset, "seen", data_cfg, progress=False)["accuracy"]
+
+    return validate
+
+
 def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: str, data_cfg,
                    progress: bool = True) -> dict:
     """Accuracy on ``split.test`` over its classes, with the inference rule ``rule`` (seen / unseen / any).
@@ -298,7 +319,7 @@ def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: s
     Unreadable images skipped under ``data.skip_corrupt`` are counted in ``skipped_images``.
     """
     method.check_classnames(split.classnames, rule)
-    method.set_label_space(dataset_label_space(dataset, split.classnames))
+    method.set_label_space(dataset_label_space(dataset, split.classnames, data_cfg.descriptions))
     loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
     result = evaluate(method, loader, rule=rule, progress=progress, desc=f"eval {dataset}/{rule}")
     skipped = loader.dataset.num_skipped
@@ -385,4 +406,6 @@ def _run_info(spec: RunSpec, split: D.DatasetSplits, identity: dict, method: Met
         "clip": str(Path(spec.clip).resolve()), "clip_model": spec.clip_model, "clip_sha256": identity["clip_sha256"],
         "data_root": str(Path(spec.data_root).resolve()),
         "torch": torch.__version__, "identity": identity,
+        # Methods that use class descriptions fall back to the templates without them: say so.
+        "description_fallback": method.uses_descriptions and method.label_space.descriptions is None,
     }

@@ -31,6 +31,7 @@ from alignednorm.methods.base import Method, StepState
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SELECTIONS = ("last", "best-val")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
@@ -62,6 +63,8 @@ class TrainConfig:
         seed: seeds sampling order, augmentation and initialisation.
         num_workers: data-loading worker processes.
         log_every: steps between logged training steps (``log.jsonl``, TensorBoard, wandb).
+        select: which learned values the run keeps: ``last`` (after the final epoch) or ``best-val``
+            (the epoch with the best accuracy on the validation split, HiCroPL's choice; ties keep the earlier).
         tensorboard: write TensorBoard event files under ``<run>/tensorboard``.
         wandb_project: also log to this Weights & Biases project when set (needs ``wandb``).
     """
@@ -84,6 +87,7 @@ class TrainConfig:
     seed: int = 1
     num_workers: int = 0
     log_every: int = 10
+    select: str = "last"
     tensorboard: bool = True
     wandb_project: str = ""
 
@@ -94,6 +98,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{f.name} = {value!r}; expected a finite number")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision = {self.precision!r}; expected one of {PRECISIONS}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"train.select = {self.select!r}; expected one of {SELECTIONS}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer = {self.optimizer!r}; expected one of {OPTIMIZERS}")
         for name in ("momentum", "sgd_dampening", "adam_beta1", "adam_beta2"):
@@ -165,6 +171,8 @@ class Trainer:
                               f"{distributed.world_size()} processes of this distributed run")
         self.start_epoch = 0
         self.global_step = 0
+        # best-val selection: {"epoch", "accuracy", "learnable"} of the best epoch so far
+        self.best: dict | None = None
         self.tracker: RunTracker | None = None
 
     @property
@@ -182,6 +190,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scaler": self.scaler.state_dict(),
             "config": asdict(self.config),
+            "best": self.best,
         }
         save_torch(self.checkpoint_path, state)
 
@@ -203,6 +212,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.start_epoch = state["epoch"] + 1
         self.global_step = state["global_step"]
+        self.best = state.get("best")
         log.info("resumed %s after epoch %d", self.checkpoint_path, state["epoch"] + 1)
         return True
 
@@ -228,8 +238,17 @@ class Trainer:
                 f"{values}; the last good checkpoint is {self.checkpoint_path or 'not kept (no run dir)'}"
             )
 
-    def fit(self, dataset: Dataset, resume: bool = True) -> dict:
-        """Train for ``config.epochs`` epochs; returns the mean loss terms of the last epoch."""
+    def fit(self, dataset: Dataset, resume: bool = True, validate=None) -> dict:
+        """Train for ``config.epochs`` epochs; returns the mean loss terms of the last epoch.
+
+        Args:
+            dataset: ``(image, label)`` pairs.
+            resume: continue from ``checkpoint.pt`` when present.
+            validate: ``validate(method) -> accuracy`` on the validation split, needed by
+                ``select: best-val``; the best epoch's learned values are loaded at the end.
+        """
+        if self.config.select == "best-val" and validate is None:
+            raise ConfigError("train.select = 'best-val' needs a validation split; this run has none")
         if self.optimizer is None:
             return {}
         if resume:
@@ -245,13 +264,25 @@ class Trainer:
                 last = self._train_epoch(dataset, epoch)
                 seconds, steps = seconds + time.time() - start, steps + self.global_step - first_step
                 self.method.on_epoch_end(self.step_state(epoch, 0))
+                if self.config.select == "best-val":
+                    self._keep_if_best(epoch, validate)
                 self.save_checkpoint(epoch)
                 distributed.barrier()  # nobody starts the next epoch before the checkpoint exists
         finally:
             self.tracker.close()
+        if self.best is not None:
+            self.method.load_learnable_state_dict(self.best["learnable"], source=f"best epoch {self.best['epoch'] + 1}")
+            last = {**last, "selected_epoch": self.best["epoch"] + 1, "val_accuracy": self.best["accuracy"]}
         if steps:  # the cost of this attempt (after a resume: of the epochs it ran)
             last = {**last, "seconds_per_iter": seconds / steps, "peak_memory_mb": peak_memory_mb(self.device)}
         return last
+
+    def _keep_if_best(self, epoch: int, validate) -> None:
+        accuracy = float(validate(self.method))
+        self.method.train()
+        self.tracker.log({"epoch": epoch + 1, "val_accuracy": accuracy}, self.global_step, "val")
+        if self.best is None or accuracy > self.best["accuracy"]:
+            self.best = {"epoch": epoch, "accuracy": accuracy, "learnable": self.method.learnable_state_dict()}
 
     def step_state(self, epoch: int, step: int) -> StepState:
         return StepState(epoch=epoch, max_epochs=self.config.epochs, step=step, global_step=self.global_step)

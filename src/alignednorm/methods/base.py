@@ -104,6 +104,9 @@ class Method(nn.Module):
     learns: ClassVar[bool] = True
     # BibTeX of the method's paper, for the model card of exported prompts.
     citation: ClassVar[str] = ""
+    # True for methods that read the label space's class descriptions (HiCroPL): a run without
+    # descriptions records that it fell back to the templates.
+    uses_descriptions: ClassVar[bool] = False
 
     def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None):
         super().__init__()

@@ -6,7 +6,9 @@ descriptions. Every method receives one :class:`LabelSpace` and takes what it ne
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,26 @@ class LabelSpace:
         if self.descriptions is not None and all(c in self.descriptions for c in classnames):
             descriptions = {c: self.descriptions[c] for c in classnames}
         return LabelSpace(tuple(classnames), self.templates, descriptions, self.description_source)
+
+
+def read_descriptions(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """A CuPL-style JSON ``{"class name": ["sentence", ...]}``, checked (errors name the file and class)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"class descriptions file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable JSON file of class descriptions ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected an object {{\"class name\": [\"sentence\", ...]}}")
+    out = {}
+    for name, sentences in data.items():
+        if isinstance(sentences, str) or not isinstance(sentences, list) or not all(
+                isinstance(t, str) and t.strip() for t in sentences):
+            raise ConfigError(f"{path}: the descriptions of class {name!r} must be a list of non-empty sentences")
+        out[name] = tuple(sentences)
+    return out
 
 
 def _normalise(name: str) -> str:

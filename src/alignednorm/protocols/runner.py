@@ -325,6 +325,7 @@ def run_eval_step(job: Job, step: EvalStep, trained: TrainedRun) -> dict:
             "protocol": step.protocol or job.protocol, "method": job.method, "variant": job.variant,
             "suite": job.suite, "dataset": job.dataset, "target": step.target, "shots": job.shots, "seed": job.seed,
             "method_overrides": dict(step.method_overrides), "settings": step.settings(),
+            "description_fallback": bool(trained.info.get("description_fallback")),
             "train_run": str(Path(job.train_dir).resolve()), "eval": results, "cost": cost,
         }
         write_json(run_dir / "metrics.json", metrics)
