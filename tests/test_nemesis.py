@@ -206,3 +206,52 @@ def test_norms_in_the_run_log(tiny_backbone, tmp_path):
     assert [m["omega_e"] for m in means] == pytest.approx([omega_schedule(0, 2), omega_schedule(1, 2)])
     assert all({f"ctx_norm_{j}" for j in range(4)} | {f"pan_selected_{j}" for j in range(4)} <= set(m) for m in means)
     assert means[1]["ctx_norm_0"] != means[0]["ctx_norm_0"]
+
+
+@pytest.mark.parametrize("variant", ["csc_mixed", "word_init_random_np"])
+def test_parity_reads_every_setting_from_the_manifest(variant, shared_dir, tmp_path):
+    """Held-back-like fixtures (CSC, word init, mixed β, other epoch, NP, CW, A, widths, classes, batch)
+    go through the same code. Their outputs are our own, so this checks that nothing is tied to
+    fixture A's settings, not the official numbers (the shared fixtures do that)."""
+    from safetensors.torch import save_file
+
+    from alignednorm.backbone.clip import ClipBackbone
+    from alignednorm.backbone.tiny import make_tiny_clip, save_openai_state_dict
+    from alignednorm.compat.parity import compute_outputs, method_from_manifest, run_parity
+
+    manifest = json.loads((shared_dir / "reference" / "nemesis_pan_a" / "manifest.json").read_text())
+    section = manifest["config"]["TRAINER.CoOpNemesis"]
+    if variant == "csc_mixed":
+        section.update(N_CTX=8, CSC=True, BETA=0.3, A=10.0, NP=2, CW=0.25, NT="one")
+        positions, epoch, epochs = [5, 2], 37, 50
+    else:
+        section.update(CTX_INIT="a photo of a", CSC=True, BETA=0.0, NP="random2", NT="inf")
+        positions, epoch, epochs = [3, 0], 3, 10
+    manifest["nemesis"].update(epoch=epoch, max_epoch=epochs, pan={"pos_list": positions})
+    manifest["optimizer_step"]["lr_at_step"] = 0.0015
+    manifest["class_names"] = [f"shape number {i}" for i in range(5)]
+    fixture = tmp_path / variant
+    fixture.mkdir()
+    (fixture / "manifest.json").write_text(json.dumps(manifest))
+    save_openai_state_dict(make_tiny_clip(seed=11, layers=4, width=64, embed_dim=48), fixture / "clip_tiny.safetensors")
+    name, config = method_from_manifest(manifest)
+    method = create_method(name, ClipBackbone.from_file(fixture / "clip_tiny.safetensors"), config)
+    method.set_classnames(manifest["class_names"])
+    save_file({"prompt_learner.ctx": method.context.ctx.detach().clone()}, str(fixture / "learnable.safetensors"))
+    prompts = [f"{method.context.prompt_prefix} {c}." for c in manifest["class_names"]]
+    save_file({"images": torch.randn(3, 3, 32, 32), "labels": torch.tensor([4, 0, 2]),
+               "tokenized_prompts": method.backbone.tokenize(prompts)}, str(fixture / "inputs.safetensors"))
+    ours = compute_outputs(fixture, manifest)
+    save_file({k: v.detach().clone().contiguous() for k, v in ours.items() if not k.startswith("tokens.")},
+              str(fixture / "outputs.safetensors"))
+    report = run_parity(fixture)
+    assert report["ok"] and report["failed"] == []
+    assert float(ours["schedule.omega"]) == omega_schedule(epoch, epochs)
+    assert ours["pan.inference_logits"].shape == (3, 3, 5) and ours["pan.pos_list"].tolist() == positions
+    if variant == "csc_mixed":
+        assert ours["after_step.prompt_learner.ctx"].shape == (5, 8, 64) and ours["alpha.pan"].shape == (8,)
+        assert float(ours["loss.n_loss_logged"]) == pytest.approx(float(ours["loss.pun"] + ours["loss.pan"]))
+        assert float(ours["alpha.pun"][0]) == 10.0
+    else:  # word init: a generic 4-token context (the official code ignores CSC then), weighted without selection
+        assert ours["after_step.prompt_learner.ctx"].shape == (4, 64)
+        assert ours["alpha.pan"].tolist() == [1.0, 0, 0, 1.0]

@@ -155,7 +155,8 @@ def _train(method, manifest, images, labels, start: dict, names: dict, positions
 
 def _positions(fixture: Path, manifest: dict) -> list[int] | None:
     """PAN's drawn positions as the fixture stored them (outputs ``pan.pos_list``, else the manifest)."""
-    outputs = load_file(str(fixture / "outputs.safetensors"))
+    path = fixture / "outputs.safetensors"
+    outputs = load_file(str(path)) if path.is_file() else {}
     if "pan.pos_list" in outputs:
         return [int(p) for p in outputs["pan.pos_list"]]
     pan = (manifest.get("nemesis") or {}).get("pan") or {}
