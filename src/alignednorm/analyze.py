@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SUBSETS = (("base", "seen"), ("new", "unseen"))
 ATTENTION_LAYERS = 4  # the last blocks, where the papers look at attention
 OVERLAY_IMAGES = 4
-PROMPT_NORM_TERM = re.compile(r"^prompt_norm\.(\d+)$")  # per-position prompt norms a method logs each step
+PROMPT_NORM_TERM = re.compile(r"^(?:ctx_norm_|prompt_norm\.)(\d+)$")  # per-position prompt norms logged each step
 
 
 @dataclass
@@ -268,5 +268,5 @@ def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skip
     add("prompt_norms", "Prompt norm per position over training epochs (Nemesis)", P.plot_prompt_norms_over_epochs,
         prompt_norms, {k: np.stack(v) for k, v in prompt_norms.items()}, "Read from each run's log.jsonl.")
     if not prompt_norms:
-        skipped["prompt norms over epochs"] = "no run logged per-position prompt norms (prompt_norm.<i> terms)"
+        skipped["prompt norms over epochs"] = "no run logged per-position prompt norms (ctx_norm_<i> terms, as CoOp-style methods do)"
     return figures
