@@ -143,8 +143,11 @@ def _one_job(method: str, dataset: str, data_root: Path | None, clip: Path, clip
     job.command = _command_line(request, protocol, dataset, shots, seed, train_subset, step_suffix)
     metrics = run_job(job, force=force)[dataset]
     for name, result in metrics["eval"].items():
-        typer.echo(f"{method} {dataset}/{result['classes']} ({name}, rule {result['rule']}): "
-                   f"{result['accuracy']:.2f}% on {result['num_samples']} images")
+        head = f"{method} {dataset}/{result['classes']} ({name}, rule {result['rule']})"
+        if result["accuracy"] is None:
+            typer.echo(f"{head}: not applicable: {result.get('not_applicable', '')}")
+            continue
+        typer.echo(f"{head}: {result['accuracy']:.2f}% on {result['num_samples']} images")
     typer.echo(f"run folder: {run_dir}")
     return metrics
 

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
@@ -178,25 +179,41 @@ class Method(nn.Module):
 
     # ------------------------------------------------------------------ interface
     def check_classnames(self, classnames: list[str], rule: str) -> None:
-        """Refuse class names the learned prompt cannot serve under inference ``rule``.
+        """Refuse class names the learned prompt cannot serve under inference ``rule`` (see :meth:`serves`)."""
+        reason = self.serves(classnames, rule)
+        if reason:
+            raise CheckpointError(reason)
+
+    def serves(self, classnames: list[str], rule: str) -> str | None:
+        """``None`` when the learned prompt can classify ``classnames`` under ``rule``, else why not.
 
         The ``seen`` rule (e.g. MMRL++'s fused logits) is only meaningful for the classes the
         prompt was trained on, and a class-specific prompt only for exactly those.
         """
         trained, source = self.trained_classnames, self.trained_source
         if trained is None or list(classnames) == list(trained):
-            return
+            return None
         if self.class_specific:
-            raise CheckpointError(
-                f"class names do not match {source}: method {self.name!r} learns one prompt per class and was "
-                f"trained on {len(trained)} classes {_preview(trained)}, but {len(classnames)} classes were given "
-                f"{_preview(classnames)}; pass the training classes in their order")
+            return (f"class names do not match {source}: method {self.name!r} learns one prompt per class and was "
+                    f"trained on {len(trained)} classes {_preview(trained)}, but {len(classnames)} classes were given "
+                    f"{_preview(classnames)}; pass the training classes in their order")
         if rule == "seen" and not set(classnames) <= set(trained):
             unknown = [c for c in classnames if c not in set(trained)]
-            raise CheckpointError(
-                f"class names do not match {source}: the 'seen' rule is for the {len(trained)} classes the prompt "
-                f"was trained on, but {len(unknown)} given classes are not among them {_preview(unknown)}; "
-                "evaluate other classes with the 'unseen' or 'any' rule")
+            return (f"class names do not match {source}: the 'seen' rule is for the {len(trained)} classes the prompt "
+                    f"was trained on, but {len(unknown)} given classes are not among them {_preview(unknown)}; "
+                    "evaluate other classes with the 'unseen' or 'any' rule")
+        return None
+
+    def fit(self, train: DataLoader, val: DataLoader | None) -> dict | None:
+        """Hook for methods fitted by their own solver (a linear probe's logistic regression).
+
+        Args:
+            train, val: ``(image, label)`` batches of the training classes, without augmentation.
+
+        Returns:
+            Statistics of the fit, or ``None`` (the default) to be trained by the gradient trainer.
+        """
+        return None
 
     def forward(self, images: Tensor, rule: str = "any", trace: Traces | None = None) -> Outputs:
         """Logits of the inference ``rule`` (``seen``/``unseen``/``any``) for ``(B, 3, H, W)`` images."""
