@@ -41,3 +41,19 @@ def test_analyze_writes_every_figure_for_runs_of_any_method(json_dataset, tmp_pa
     geometry = json.loads((out / "uniformity_tolerance.json").read_text())
     assert "zero-shot CLIP" in geometry and len(geometry) == 4
     assert all(v["new"]["n"] == 4 for v in geometry.values())  # the 4 new-class test images (fewer than 6)
+
+
+def test_corrupt_prints_the_table_for_a_trained_coop_prompt(json_dataset, tmp_path):
+    clip = save_openai_state_dict(make_tiny_clip(seed=2, layers=3), tmp_path / "clip.pt")
+    common = ["--dataset", "oxford_pets", "--data-root", json_dataset.root, "--clip", clip, "--output", tmp_path / "r"]
+    _invoke("train", "--method", "coop", *common, "--shots", 2, "--set", "train.epochs=1",
+            "--set", "train.batch_size=2")  # base-to-new preset: "a photo of a" init, 4 context tokens
+    (run,) = (tmp_path / "r").glob("base2new/oxford_pets/shots2/coop/*/seed1")
+    out = _invoke("corrupt", run, "--output", tmp_path / "corrupt.json")
+    assert "| replace | 0.01 |" in out and "| rescale↑ | 2 |" in out and "out of 16)" in out
+    numbers = json.loads((tmp_path / "corrupt.json").read_text())
+    (entry,) = numbers.values()
+    assert len(entry["results"]) == 10 and all(len(r["accuracy"]) == 4 for r in entry["results"])
+    assert 0 <= entry["low_norm_frequency"] <= 16
+    result = runner.invoke(app, ["corrupt", str(next((tmp_path / "r").glob("base2new/oxford_pets/shots2/coop/*")))])
+    assert result.exit_code != 0

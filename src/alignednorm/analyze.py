@@ -270,3 +270,44 @@ def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skip
     if not prompt_norms:
         skipped["prompt norms over epochs"] = "no run logged per-position prompt norms (ctx_norm_<i> terms, as CoOp-style methods do)"
     return figures
+
+
+def corruption_runs(run_dirs: list[str | Path], options: AnalysisOptions | None = None,
+                    output: str | Path | None = None) -> str:
+    """Nemesis's corruption experiments on trained CoOp-style prompts: Markdown tables (and JSON when ``output``).
+
+    Each run is evaluated on its own training classes' test images (at most ``max_images``), with
+    every context position replaced / rescaled in turn (:mod:`alignednorm.analysis.corruption`).
+    """
+    from alignednorm.analysis.corruption import corruption_sweep, format_table, low_norm_frequency
+    from alignednorm.engine.io import write_json
+
+    options = options or AnalysisOptions()
+    parts, numbers = [], {}
+    for run_dir in run_dirs:
+        trained = load_run(run_dir, clip=options.clip, device=options.device)
+        method = trained.method
+        if not hasattr(method, "context") or not hasattr(method.context, "n_ctx"):
+            raise AlignedNormError(f"{run_dir}: method {trained.info['method']!r} has no CoOp-style text context; "
+                                   "the corruption experiments need one (coop, nemesis, cocoop)")
+        data_root = options.data_root or trained.info.get("data_root")
+        if not data_root:
+            raise AlignedNormError(f"{Path(run_dir) / 'run.json'} records no data root; pass --data-root")
+        split = _test_items(trained, trained.info.get("train_subset", "all"), str(data_root), options.max_images,
+                            options.seed)
+        method.set_label_space(dataset_label_space(trained.info["dataset"], split.classnames,
+                                                   trained.data_config.descriptions))
+        transform = D.build_transform(method.backbone.image_size, train=False)
+        loader = DataLoader(D.ImageListDataset(split.test, transform), batch_size=options.batch_size,
+                            collate_fn=skip_none_collate)
+        results = corruption_sweep(method, (b for b in loader if b is not None), seed=options.seed)
+        label = _unique(run_label(trained), numbers)
+        numbers[label] = {"low_norm_frequency": low_norm_frequency(results),
+                          "results": [{"operation": r.operation, "factor": r.factor, "baseline": r.baseline,
+                                       "accuracy": r.accuracy} for r in results]}
+        parts.append(f"### {label} ({len(split.test)} test images of its training classes)\n\n{format_table(results)}\n\n"
+                     f"Low-Norm Effect frequency (shrinking RESCALE factors, out of {4 * method.context.n_ctx}): "
+                     f"{numbers[label]['low_norm_frequency']}")
+    if output is not None:
+        write_json(output, numbers)
+    return "\n\n".join(parts)

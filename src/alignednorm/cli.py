@@ -319,6 +319,25 @@ def analyze_cmd(
     typer.echo(f"wrote {page}")
 
 
+@app.command("corrupt")
+def corrupt_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="trained CoOp-style runs (coop, nemesis, cocoop)")],
+    data_root: DataRoot = None,
+    clip: Annotated[Path | None, typer.Option(help="backbone file, if it moved since training")] = None,
+    max_images: Annotated[int, typer.Option(help="test images per run")] = 2000,
+    seed: Annotated[int, typer.Option(help="draws the images and the REPLACE vectors")] = 0,
+    output: Annotated[Path | None, typer.Option(help="also write the numbers as JSON")] = None,
+) -> None:
+    """Nemesis's corruption experiments: REPLACE / RESCALE each context position, accuracy change per
+    position and the Low-Norm Effect frequency, in the paper's table shape (Tables A2/A3, Fig. 1b)."""
+    from alignednorm.analyze import AnalysisOptions, corruption_runs
+
+    _register_extras()
+    options = AnalysisOptions(data_root=str(data_root) if data_root else None, clip=str(clip) if clip else None,
+                              max_images=max_images, seed=seed)
+    typer.echo(corruption_runs(run_dirs, options, output))
+
+
 @app.command("bench")
 def bench_cmd(
     method: Annotated[str, typer.Option(help="method name")] = "mmrlpp",
