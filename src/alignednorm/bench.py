@@ -12,6 +12,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
@@ -123,8 +124,9 @@ def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch:
               device: str = "cpu", backbone: ClipBackbone | None = None) -> BenchResult:
     """Time ``method_name`` with every optimisation off, then on, per class count (alternating, one process)."""
     dev = torch.device(device)
+    label = geometry if backbone is None else Path(backbone.source or "given backbone").name
     backbone = (backbone or random_clip(geometry)).to(dev)
-    result = BenchResult(method_name, geometry, batch, device, learnable_parameter_counts(backbone))
+    result = BenchResult(method_name, label, batch, device, learnable_parameter_counts(backbone))
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, backbone.image_size, backbone.image_size, generator=gen).to(dev)
     for n_classes in classes:
