@@ -299,3 +299,31 @@ def test_matching_configs_compares_every_shape():
     with torch.device("meta"):
         b16 = CLIP(**open_clip.get_model_config("ViT-B-16")).state_dict()
     assert matching_configs(b16) == ["ViT-B-16", "ViT-B-16-quickgelu"]
+
+
+def _vit_configs_we_accept() -> list[str]:
+    names = []
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name)
+        if cfg and isinstance(cfg.get("vision_cfg", {}).get("layers"), int) and config_problems(cfg) == []:
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("name", _vit_configs_we_accept())
+def test_every_accepted_vit_config_runs_block_by_block_like_open_clip(name):
+    """Each standard ViT family (QuickGELU or not, LayerScale, ...) on tiny random weights of its kind."""
+    from alignednorm.backbone.clip import ClipBackbone
+
+    torch.manual_seed(0)
+    model = CLIP(**_shrunk(name)).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():  # non-trivial biases, norms and layer scales
+            if param_name.endswith("bias") or "ln" in param_name or ".ls_" in param_name:
+                param.add_(0.05 * torch.randn_like(param))
+    backbone = ClipBackbone(model)
+    images = torch.randn(2, 3, 32, 32)
+    tokens = backbone.tokenize(["a photo of a cat.", "x"])
+    with torch.no_grad():
+        assert torch.allclose(backbone.encode_image(images).features, model.encode_image(images), atol=1e-5)
+        assert torch.allclose(backbone.encode_text(tokens).features, model.encode_text(tokens), atol=1e-5)
