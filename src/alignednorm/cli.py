@@ -48,10 +48,12 @@ def main() -> None:
 
 @list_app.command("methods")
 def list_methods_cmd() -> None:
-    """Registered methods."""
-    from alignednorm.methods import list_methods
+    """Registered methods (with their note, e.g. an unofficial reconstruction)."""
+    from alignednorm.methods import get_method_class, list_methods
 
-    typer.echo("\n".join(list_methods()))
+    for name in list_methods():
+        note = get_method_class(name).note
+        typer.echo(f"{name}  ({note})" if note else name)
 
 
 @list_app.command("datasets")
