@@ -9,6 +9,7 @@ CoCoOp, Nemesis, linear probe) work on them, vision hooks get a clear error.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +44,9 @@ class TowerOutput:
     trace: Trace | None = None
 
 
+@functools.lru_cache(maxsize=64)
 def causal_mask(length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Additive causal mask ``(T, T)``: ``-inf`` above the diagonal."""
+    """Additive causal mask ``(T, T)``: ``-inf`` above the diagonal (built once per length, device, dtype)."""
     return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu(1)
 
 
