@@ -221,7 +221,11 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skipped: dict) -> list:
     from alignednorm.analysis import FigureEntry, embedding_geometry, norm_ratio, ratio_summary, tsne_embed
-    from alignednorm.analysis import plots as P
+
+    try:
+        from alignednorm.analysis import plots as P
+    except ImportError:
+        raise AlignedNormError("alignednorm analyze draws with matplotlib: pip install 'alignednorm[analysis]'") from None
 
     output.mkdir(parents=True, exist_ok=True)
     figures = []

@@ -101,8 +101,10 @@ class LinearProbe(Method):
 
     def fit(self, train, val) -> dict:
         """CoOp's C search on validation, then the classifier of the last bisection round (see module docs)."""
-        from sklearn.linear_model import LogisticRegression
-
+        try:
+            from sklearn.linear_model import LogisticRegression
+        except ImportError:
+            raise ConfigError("linear_probe needs scikit-learn: pip install 'alignednorm[analysis]'") from None
         if val is None:
             raise ConfigError("linear_probe chooses C on the validation split; this dataset has none")
         x, y = self.features(train)
