@@ -130,8 +130,11 @@ def test_zero_noise_steps_lower_the_free_energy(backbone):
     method = _method(backbone, num_samples=2, langevin_steps=3, step_size=0.1, noise_scale=0.0, init_noise=0.0,
                      prior_weight=0.0)
     with torch.no_grad():
-        energies = method(_images()).branches["energies"]  # (S, K), at the start of each step
+        out = method(_images())
+    energies = out.branches["energies"]  # (S, K), at the start of each step
     assert (energies[1:] < energies[:-1]).all()
+    terms = method.sample_terms(out)  # the energy of the final samples continues the descent
+    assert terms["energy_end"] < energies[-1].mean() and torch.allclose(terms["energy_start"], energies[0].mean())
     assert torch.allclose(energies[:, 0], energies[:, 1])  # identical starts and no noise: identical chains
 
 
@@ -167,7 +170,7 @@ def test_training_reaches_the_context_through_the_samples(backbone, first_order)
     method = _method(backbone, first_order=first_order, mean_prompt_weight=0.0, include_mean=False).train()
     labels = torch.tensor([0, 1, 2])
     terms = method.training_step((_images(), labels))
-    assert {"loss", "ce", "acc", "sample_norm", "sample_shift", "energy_first", "energy_last"} <= set(terms)
+    assert {"loss", "ce", "acc", "sample_norm", "sample_shift", "energy_start", "energy_end"} <= set(terms)
     assert "ce_mean" not in terms  # μ = 0
     terms["loss"].backward()
     assert method.context.ctx.grad is not None and method.context.ctx.grad.abs().sum() > 0

@@ -141,6 +141,17 @@ class EMPL(CoOp):
             return self.logit_scale * torch.einsum("be,bkce->bkc", f, texts)
         return self.logit_scale * torch.einsum("be,kce->bkc", f, texts)
 
+    def unit(self) -> Tensor:
+        """r, the context's RMS entry (detached): the unit of the Langevin step, start spread and prior (§3.3)."""
+        return self.context.ctx.detach().pow(2).mean().sqrt()
+
+    def chain_energy(self, logits: Tensor, samples: Tensor, mean: Tensor, kind: str, labels: Tensor | None) -> Tensor:
+        """§3.2 per chain ``(N,)``: logits ``(B, K, C)`` → energy (batch mean or per image) + prior of ``(N, L, W)``."""
+        cfg = self.config
+        e = classifier_energy(logits, kind, labels, cfg.temperature)  # (B, K)
+        e = e.reshape(-1) if cfg.condition == "per_image" else e.mean(dim=0)  # (N,)
+        return e + gaussian_prior(samples, mean, cfg.prior_weight, self.unit())
+
     def sample_contexts(self, f: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor]:
         """K (× B per image) Langevin samples ``(N, L, W)`` of the context and their energy path ``(S, N)``."""
         cfg, mean = self.config, self.context.ctx
@@ -148,15 +159,14 @@ class EMPL(CoOp):
         if evaluating:  # samples never carry a graph into the parameters at evaluation
             mean = mean.detach()
         generator = torch.Generator(device=mean.device).manual_seed(cfg.seed) if evaluating else None
-        r = mean.detach().pow(2).mean().sqrt()  # the context's RMS entry: the unit of §3.3
+        r = self.unit()
         chains = cfg.num_samples * (f.shape[0] if cfg.condition == "per_image" else 1)
         kind = "free" if evaluating else cfg.energy
         second_order = not (cfg.first_order or evaluating)
 
         def energy(v: Tensor) -> Tensor:  # §3.2: (N, L, W) -> (N,)
-            e = classifier_energy(self.chain_logits(f, self.sample_texts(v)), kind, labels, cfg.temperature)
-            e = e.reshape(-1) if cfg.condition == "per_image" else e.mean(dim=0)  # (N,)
-            return e + gaussian_prior(v, mean if second_order else mean.detach(), cfg.prior_weight, r)
+            prior_mean = mean if second_order else mean.detach()
+            return self.chain_energy(self.chain_logits(f, self.sample_texts(v)), v, prior_mean, kind, labels)
 
         start = init_chains(mean, chains, cfg.init_noise, r, generator)
         noise = 0.0 if evaluating and cfg.deterministic_eval else cfg.noise_scale
@@ -199,17 +209,18 @@ class EMPL(CoOp):
             terms["ce_mean"] = ce_mean.detach()
         with torch.no_grad():
             terms.update(self.norm_terms())
-            terms.update(self.sample_terms(outputs))
+            terms.update(self.sample_terms(outputs, labels))
         return terms
 
-    def sample_terms(self, outputs: Outputs) -> dict[str, Tensor]:
-        """Logged: energy at the first and last step, sample norm and shift from ``V̄`` (relative), §3.6."""
+    def sample_terms(self, outputs: Outputs, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """Logged (§3.6): sample norm, shift from ``V̄`` (relative), energy at the chains' start and end."""
         if "samples" not in outputs.branches:
             return {}
         samples, energies = outputs.branches["samples"].detach(), outputs.branches["energies"]
         mean = self.context.ctx.detach()
-        terms = {"sample_norm": samples.norm(dim=-1).mean(),
-                 "sample_shift": ((samples - mean).flatten(1).norm(dim=-1) / mean.norm()).mean()}
-        if energies.numel():
-            terms.update(energy_first=energies[0].mean(), energy_last=energies[-1].mean())
-        return terms
+        k = self.config.num_samples
+        kind = self.config.energy if self.training else "free"
+        final = self.chain_energy(outputs.branches["logits_samples"][:, -k:].detach(), samples, mean, kind, labels)
+        return {"sample_norm": samples.norm(dim=-1).mean(),
+                "sample_shift": ((samples - mean).flatten(1).norm(dim=-1) / mean.norm()).mean(),
+                "energy_start": (energies[0] if energies.numel() else final).mean(), "energy_end": final.mean()}
