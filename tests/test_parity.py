@@ -13,7 +13,7 @@ ALL_FIXTURES = sorted(p.parent for p in (SHARED / "reference").glob("*/manifest.
 
 
 def _supported(fixture) -> bool:
-    """Fixtures whose official config section has a parity module (``parity.SECTIONS``; HiCroPL has none yet)."""
+    """Fixtures whose official config section has a parity module (``parity.SECTIONS``)."""
     return any(section in json.loads((fixture / "manifest.json").read_text())["config"] for section in SECTIONS)
 
 

@@ -96,6 +96,27 @@ _DEEP_RULES: dict[str, list[tuple[str, object]]] = {
 _COOP_RULES: list[tuple[str, object]] = [(r"(?:prompt_learner\.)?ctx$", lambda m: "context.ctx")]
 _DEEP_RULES.update(coop=_COOP_RULES, nemesis=_COOP_RULES)
 
+# HiCroPL (zzeoZheng/HiCroPL): prompts and cross-tower nets of ``prompt_learner`` (``ctx`` is
+# ``cross_prompts_text.0``). Visual proxies are numbered from layer k + 1 in the official lists; their
+# names get a ``+`` mark here and the layer once k (the number of text proxies) is known.
+_DEEP_RULES["hicropl"] = [
+    (r"prompt_learner\.ctx$", lambda m: "text_prompts.1"),
+    (r"prompt_learner\.cross_prompts_text\.(\d+)$", lambda m: f"text_prompts.{int(m[1]) + 1}"),
+    (r"prompt_learner\.cross_prompts_visual\.(\d+)$", lambda m: f"vision_prompts.{int(m[1]) + 1}"),
+    (r"prompt_learner\.text2visual_net\.(.+)$", lambda m: f"cross.text_to_vision.{m[1]}"),
+    (r"prompt_learner\.visual2text_net\.(.+)$", lambda m: f"cross.vision_to_text.{m[1]}"),
+    (r"prompt_learner\.attn_pooling_text_nets\.(\d+)\.(.+)$", lambda m: f"cross.text_proxies.{int(m[1]) + 1}.{m[2]}"),
+    (r"prompt_learner\.text_proxy_token\.(\d+)$", lambda m: f"cross.text_proxies.{int(m[1]) + 1}.query"),
+    (r"prompt_learner\.attn_pooling_visual_nets\.(\d+)\.(.+)$", lambda m: f"cross.vision_proxies.+{m[1]}.{m[2]}"),
+    (r"prompt_learner\.visual_proxy_token\.(\d+)$", lambda m: f"cross.vision_proxies.+{m[1]}.query"),
+]
+
+
+def _hicropl_layers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Number HiCroPL's visual proxies by layer: official index j is layer k + 1 + j."""
+    k = len({n.split(".")[2] for n in state if n.startswith("cross.text_proxies.")})
+    return {re.sub(r"\.\+(\d+)\.", lambda m: f".{k + 1 + int(m[1])}.", n): t for n, t in state.items()}
+
 
 def deep_official_to_ours(method: str, name: str) -> str | None:
     """Our name for an official MaPLe / PromptSRC / CoOp / Nemesis learnable tensor (``None`` for frozen ones)."""
@@ -110,8 +131,8 @@ def deep_official_to_ours(method: str, name: str) -> str | None:
 def convert_official_state(state: dict[str, torch.Tensor], method: str | None = None) -> dict[str, torch.Tensor]:
     """Keep the learned tensors of an official state dict, under our names.
 
-    ``method`` picks the naming of a prompt method (``maple``, ``promptsrc``, ``coop``, ``nemesis``); otherwise the
-    MMRL / MMRL++ / AlignedNorm names are read.
+    ``method`` picks the naming of a prompt method (``maple``, ``promptsrc``, ``coop``, ``nemesis``,
+    ``hicropl``); otherwise the MMRL / MMRL++ / AlignedNorm names are read.
     """
     convert = (lambda n: deep_official_to_ours(method, n)) if method in _DEEP_RULES else official_to_ours
     out = {}
@@ -119,6 +140,8 @@ def convert_official_state(state: dict[str, torch.Tensor], method: str | None = 
         ours = convert(name)
         if ours is not None:
             out[ours] = tensor
+    if method == "hicropl":
+        out = _hicropl_layers(out)
     if not out:
         expected = ("'prompt_learner.ctx'" if method in _DEEP_RULES
                     else "'representation_learner.compound_rep_tokens'")

@@ -7,8 +7,9 @@ learnable values, an input batch and every tensor the official code computed; ev
 read from its ``manifest.json``. The manifest's official config section names the method, and
 this module hands the fixture to that method's parity module (:data:`SECTIONS`):
 ``parity_mmrl`` (MMRL, MMRL++, AlignedNorm), ``parity_deep`` (MaPLe, PromptSRC),
-``parity_nemesis`` (CoOp, Nemesis). Prints one JSON report; the exit status is 0 iff every
-tensor is within tolerance. The comparison rules and the report format below are shared.
+``parity_nemesis`` (CoOp, Nemesis), ``parity_hicropl`` (HiCroPL). Prints one JSON report; the exit
+status is 0 iff every tensor is within tolerance. The comparison rules and the report format below are
+shared.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SECTIONS = {
     "TRAINER.CoOpNemesis": "parity_nemesis",
     "TRAINER.CoOp": "parity_nemesis",
     "TRAINER.COOP": "parity_nemesis",
+    "TRAINER.HICROPL": "parity_hicropl",
 }
 DEFAULT_TOLERANCES = {"hidden": 1e-5, "logits": 1e-4, "losses": 5e-5, "gradients_rel": 1e-4,
                       "gradients_zero_atol": 1e-6, "after_step": 2e-5, "accuracy": 1e-3}
