@@ -189,7 +189,8 @@ def _train(method, manifest, images, labels, start, names) -> tuple[dict, dict, 
             checks[f"grad_none.{official}"] = grad is None
             checks[f"unchanged.{official}"] = torch.equal(params[ours].detach(), start[ours])
             continue
-        rec[f"grad.{official}"] = grad.clone() if grad is not None else torch.full_like(params[ours], float("nan"))
+        # A prompt no block uses (depth past the layers) has none; a stored zero gradient then matches.
+        rec[f"grad.{official}"] = grad.clone() if grad is not None else torch.zeros_like(params[ours])
         rec[f"after_step.{official}"] = params[ours].detach().clone()
         rec[f"update.{official}"] = params[ours].detach() - before[ours]
     method.eval()
