@@ -258,3 +258,12 @@ def test_description_fallback_is_its_own_report_row(tmp_path):
             "shots": 16, "description_fallback": True, "eval": {"base": {"accuracy": 70.0}}}
     (record,) = records_from(data, tmp_path / "metrics.json", tmp_path)
     assert record.variant == "default+templates-no-descriptions"
+
+
+def test_report_rows_carry_a_methods_note(tmp_path):
+    write_eval(tmp_path, "base2new", "empl", "dtd", 1, {"base": 70.0, "new": 60.0})
+    tables = build_report(tmp_path)
+    (table,) = [t for t in tables if t.key.startswith("table1")]
+    assert table.title == "Base-to-new: empl (unofficial reconstruction) (16 shots)"
+    written = {p.name for p in write_report(tables, tmp_path / "out")}
+    assert "table1_base2new_empl_unofficial_reconstruction_shots16.md" in written

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -55,8 +56,21 @@ class Record:
 
 
 def run_label(method: str, variant: str) -> str:
-    """``method`` for the default config, ``method-variant`` otherwise (the paper data's keys)."""
-    return method if variant == "default" else f"{method}-{variant}"
+    """``method`` for the default config, ``method-variant`` otherwise (the paper data's keys), with the
+    method's note when it has one (e.g. EMPL's "unofficial reconstruction"), so every report row says it."""
+    label = method if variant == "default" else f"{method}-{variant}"
+    note = _method_note(method)
+    return f"{label} ({note})" if note else label
+
+
+def _method_note(method: str) -> str:
+    from alignednorm.errors import ConfigError
+    from alignednorm.methods import get_method_class
+
+    try:
+        return get_method_class(method).note.split(" (")[0]
+    except ConfigError:  # a run of a method this installation does not know: its name alone
+        return ""
 
 
 def records_from(data: dict, path: Path, root: Path) -> list[Record]:
@@ -290,11 +304,17 @@ def render_all(tables: list[Table], fmt: str) -> str:
     return "\n".join(render(t, fmt) for t in tables)
 
 
+def file_stem(key: str) -> str:
+    """A table key as a file name: labels may hold spaces and parentheses (a method's note)."""
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9._+-]+", "_", key)).strip("_")
+
+
 def write_report(tables: list[Table], out_dir: str | Path) -> list[Path]:
     """Write every table as ``<key>.md``, ``.csv`` and ``.tex``, plus ``report.md`` with all of them."""
     from alignednorm.engine.io import write_text
 
     out_dir = Path(out_dir)
-    written = [write_text(out_dir / f"{t.key}.{_SUFFIX[fmt]}", render(t, fmt)) for t in tables for fmt in FORMATS]
+    written = [write_text(out_dir / f"{file_stem(t.key)}.{_SUFFIX[fmt]}", render(t, fmt))
+               for t in tables for fmt in FORMATS]
     written.append(write_text(out_dir / "report.md", render_all(tables, "md") if tables else "No results found.\n"))
     return written
