@@ -1,6 +1,5 @@
 """MaPLe and the deep prompt parts: couplings, positions, float16 rounding, init, official names."""
 
-import json
 import logging
 
 import pytest
@@ -119,13 +118,3 @@ def test_official_names_round_trip(wide_backbone):
     assert sorted(state) == sorted(method.learnable_state_dict())
     method.load_learnable_state_dict(state)
     assert method.text_prompts["3"].eq(1.0).all()  # compound_prompts_text.1 is block 3's
-
-
-def test_fixture_parity(shared_dir):
-    from alignednorm.compat.parity_deep import run_parity
-
-    fixture = shared_dir / "reference" / "maple_a"
-    report = run_parity(fixture)
-    assert report["ok"] and report["failed"] == []
-    manifest = json.loads((fixture / "manifest.json").read_text())
-    assert report["num_compared"] >= len(manifest["tensors"]["outputs.safetensors"])
