@@ -12,7 +12,6 @@ branch), recording every tensor the fixture holds.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -241,20 +240,3 @@ def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
     return {"fixture": str(fixture), "method": name, "config": config, "ok": all(r["ok"] for r in results.values()),
             "num_compared": len(results), "failed": sorted(k for k, r in results.items() if not r["ok"]),
             "max_abs_diff_by_group": worst, "tensors": results}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m alignednorm.compat.parity_deep FIXTURE_DIR``: the report as JSON, exit 0 iff all fit."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("fixture_dir", type=Path)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the fixture's)")
-    args = parser.parse_args(argv)
-    report = run_parity(args.fixture_dir, args.threads)
-    print(json.dumps(report, indent=2))
-    return 0 if report["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from alignednorm.backbone.hooks import Traces
 from alignednorm.errors import ConfigError
 from alignednorm.methods.base import Method, MethodConfig, Outputs, check_range, register_method
+from alignednorm.methods.zeroshot import CLIP_CITATION
 from alignednorm.prompts.label_space import LabelSpace
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,7 @@ class LinearProbe(Method):
     """A linear classifier ``W f(x) + b`` on frozen CLIP image features, fitted by logistic regression."""
 
     class_specific = True
-    citation = """@inproceedings{radford2021clip,
-  title = {Learning Transferable Visual Models From Natural Language Supervision},
-  author = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and Goh, Gabriel and
-            Agarwal, Sandhini and Sastry, Girish and Askell, Amanda and Mishkin, Pamela and Clark, Jack and
-            Krueger, Gretchen and Sutskever, Ilya},
-  booktitle = {ICML}, year = {2021}}"""
+    citation = CLIP_CITATION
 
     @dataclass
     class Config(MethodConfig):

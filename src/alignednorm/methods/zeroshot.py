@@ -10,6 +10,13 @@ from torch import Tensor
 from alignednorm.backbone.hooks import Traces
 from alignednorm.methods.base import Method, MethodConfig, Outputs, register_method
 
+CLIP_CITATION = """@inproceedings{radford2021clip,
+  title = {Learning Transferable Visual Models From Natural Language Supervision},
+  author = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and Goh, Gabriel and
+            Agarwal, Sandhini and Sastry, Girish and Askell, Amanda and Mishkin, Pamela and Clark, Jack and
+            Krueger, Gretchen and Sutskever, Ilya},
+  booktitle = {ICML}, year = {2021}}"""
+
 
 @register_method("zeroshot")
 class ZeroShotCLIP(Method):
@@ -19,12 +26,7 @@ class ZeroShotCLIP(Method):
     """
 
     learns = False
-    citation = """@inproceedings{radford2021clip,
-  title = {Learning Transferable Visual Models From Natural Language Supervision},
-  author = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and Ramesh, Aditya and Goh, Gabriel and
-            Agarwal, Sandhini and Sastry, Girish and Askell, Amanda and Mishkin, Pamela and Clark, Jack and
-            Krueger, Gretchen and Sutskever, Ilya},
-  booktitle = {ICML}, year = {2021}}"""
+    citation = CLIP_CITATION
 
     @dataclass
     class Config(MethodConfig):
