@@ -81,3 +81,17 @@ def test_inline_sweep_keeps_going_after_a_failing_job(json_dataset, clip_file, t
     assert failed.startswith("base2new/dtd/") and "dtd" in outcome.failed[failed]
     with pytest.raises(AlignedNormError, match="--executor"):
         run_sweep([], "cluster")
+
+
+def test_a_sweep_never_skips_a_folder_finished_with_other_settings(json_dataset, clip_file, tmp_path):
+    request = pets_request(json_dataset, clip_file, tmp_path / "runs", method="zeroshot", sets=(), seeds=(1,))
+    jobs = expand("base2new", request)
+    assert run_sweep(jobs, "inline").finished == [jobs[0].name]
+    assert run_sweep(jobs, "inline").finished == [jobs[0].name]  # same settings: skipped, still finished
+    info_path = Path(jobs[0].train_dir) / "run.json"
+    info = json.loads(info_path.read_text())
+    info["identity"]["config"]["data"]["crop_scale"] = [0.1, 1.0]  # as if finished by other presets
+    info_path.write_text(json.dumps(info))
+    outcome = run_sweep(jobs, "inline")
+    (failed,) = outcome.failed.values()
+    assert "other settings (config.data.crop_scale" in failed

@@ -305,8 +305,17 @@ def _step_done(step: EvalStep) -> bool:
 
 
 def is_finished(job: Job) -> bool:
-    """Whether the job's training run and every evaluation have their ``metrics.json``."""
-    return all((Path(d) / "metrics.json").is_file() for d in [job.train_dir, *(s.run_dir for s in job.evals)])
+    """Whether the job's training run and every evaluation are finished *with the job's settings*.
+
+    A folder finished with other settings is not: :func:`run_job` then stops with the keys that differ.
+    """
+    if not all((Path(d) / "metrics.json").is_file() for d in [job.train_dir, *(s.run_dir for s in job.evals)]):
+        return False
+    try:
+        check_identity(Path(job.train_dir), run_identity(job.run_spec()), "training run")
+        return all(_step_done(step) for step in job.evals)
+    except AlignedNormError:
+        return False
 
 
 def run_eval_step(job: Job, step: EvalStep, trained: TrainedRun) -> dict:
