@@ -29,8 +29,8 @@ def _variant(run_dir: Path) -> str:
     """The variant recorded by the run's evaluations, else the runner layout's folder."""
     for path in sorted(run_dir.glob("eval/*/metrics.json")):
         data = _read(path)
-        if data and "variant" in data:
-            return data["variant"]
+        if data and "variant" in data:  # as the result rows name it (see results.records_from)
+            return data["variant"] + ("+templates-no-descriptions" if data.get("description_fallback") else "")
     return run_dir.parent.name if run_dir.name.startswith("seed") else "default"
 
 
