@@ -140,7 +140,8 @@ def test_report_names_the_file_it_uses_for_a_repeated_run(tmp_path, caplog):
         path.write_text(json.dumps({"protocol": "base2new", "method": "m", "dataset": "dtd", "shots": 16, "seed": 1,
                                     "eval": {"base": {"accuracy": accuracy}}}))
         records.append(path)
-    os.utime(records[0], (time.time() - 100, time.time() - 100))
+    os.utime(records[0], (1_000_000_000, 1_000_000_000))  # fixed times: the "new" file is the newer one
+    os.utime(records[1], (1_000_000_100, 1_000_000_100))
     (found,) = collect(tmp_path)
     assert found.accuracy == 20.0 and found.path == str(records[1])
     assert f"using the newer {records[1]}" in caplog.text

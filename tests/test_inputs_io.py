@@ -2,7 +2,6 @@
 
 import os
 import stat
-import time
 
 import pytest
 import torch
@@ -80,8 +79,7 @@ def test_clean_stale_temp_files_spares_recent_ones(tmp_path):
     old, fresh = tmp_path / ".metrics.json.00000001.tmp", tmp_path / ".metrics.json.00000002.tmp"
     old.write_text("x")
     fresh.write_text("x")
-    an_hour_ago = time.time() - 3600
-    os.utime(old, (an_hour_ago, an_hour_ago))
+    os.utime(old, (1_000_000_000, 1_000_000_000))  # a fixed date in 2001: long stale, whatever the clock says
     assert clean_stale_temp_files(tmp_path, min_age_s=600) == [old]
     assert fresh.exists()
 

@@ -15,6 +15,7 @@ shared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -90,6 +91,23 @@ def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, tol: dict) -> dict
     return {"max_abs_diff": diff, "tolerance": limit, "ok": diff <= limit}
 
 
+def read_manifest(fixture_dir: str | Path) -> tuple[Path, dict]:
+    """A fixture folder and its ``manifest.json``."""
+    fixture = Path(fixture_dir)
+    return fixture, json.loads((fixture / "manifest.json").read_text())
+
+
+@contextlib.contextmanager
+def fixture_threads(manifest: dict, threads: int | None = None):
+    """Run with the torch threads the fixture was produced with (float sums depend on them), restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads or manifest.get("produced_by", {}).get("torch_num_threads", 2))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def build_report(fixture: Path, name: str, config: dict, results: dict[str, dict]) -> dict:
     """The JSON report: overall ``ok``, failures, the largest difference per tensor group, every tensor."""
     worst: dict[str, float] = {}
@@ -103,8 +121,7 @@ def build_report(fixture: Path, name: str, config: dict, results: dict[str, dict
 
 def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
     """Compare our implementation with a fixture; returns the report (``report["ok"]``)."""
-    fixture = Path(fixture_dir)
-    manifest = json.loads((fixture / "manifest.json").read_text())
+    fixture, manifest = read_manifest(fixture_dir)
     return parity_module(manifest).run_parity(fixture, threads)
 
 

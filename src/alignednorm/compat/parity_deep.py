@@ -11,7 +11,6 @@ branch), recording every tensor the fixture holds.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.compat.official import convert_official_state
+from alignednorm.compat.parity import build_report, compare, fixture_threads, read_manifest, tolerances
 from alignednorm.losses.self_regularization import template_mean_text_features
 from alignednorm.methods import StepState, create_method
 from alignednorm.prompts.deep import expand_tokens
@@ -221,22 +221,13 @@ def _tolerance_name(key: str) -> str:
 
 def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
     """Compare our MaPLe / PromptSRC with a fixture; the report's ``ok`` is True iff all tensors fit."""
-    from alignednorm.compat.parity import compare, tolerances
-
-    fixture = Path(fixture_dir)
-    manifest = json.loads((fixture / "manifest.json").read_text())
-    torch.set_num_threads(threads or manifest.get("produced_by", {}).get("torch_num_threads", 2))
-    name, config = method_from_manifest(manifest)
-    ours = compute_outputs(fixture, manifest)
-    reference = load_file(str(fixture / "outputs.safetensors"))
-    reference.update(reference_extras(load_file(str(fixture / "inputs.safetensors"))))
-    tol = tolerances(manifest)
-    results = {key: compare(_tolerance_name(key), ours[key], ref, tol) if key in ours
-               else {"ok": False, "error": "not computed"} for key, ref in sorted(reference.items())}
-    worst: dict[str, float] = {}
-    for key, res in results.items():
-        group = key.split(".")[0]
-        worst[group] = max(worst.get(group, 0.0), res.get("max_abs_diff", float("inf")))
-    return {"fixture": str(fixture), "method": name, "config": config, "ok": all(r["ok"] for r in results.values()),
-            "num_compared": len(results), "failed": sorted(k for k, r in results.items() if not r["ok"]),
-            "max_abs_diff_by_group": worst, "tensors": results}
+    fixture, manifest = read_manifest(fixture_dir)
+    with fixture_threads(manifest, threads):
+        name, config = method_from_manifest(manifest)
+        ours = compute_outputs(fixture, manifest)
+        reference = load_file(str(fixture / "outputs.safetensors"))
+        reference.update(reference_extras(load_file(str(fixture / "inputs.safetensors"))))
+        tol = tolerances(manifest)
+        results = {key: compare(_tolerance_name(key), ours[key], ref, tol) if key in ours
+                   else {"ok": False, "error": "not computed"} for key, ref in sorted(reference.items())}
+        return build_report(fixture, name, config, results)

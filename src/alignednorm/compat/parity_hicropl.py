@@ -28,8 +28,6 @@ the plain difference.
 from __future__ import annotations
 
 import contextlib
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -39,7 +37,7 @@ from safetensors.torch import load_file
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.compat.official import convert_official_state
-from alignednorm.compat.parity import build_report, compare, tolerances
+from alignednorm.compat.parity import build_report, compare, fixture_threads, read_manifest, tolerances
 from alignednorm.methods import create_method
 from alignednorm.prompts.label_space import LabelSpace
 
@@ -281,23 +279,11 @@ def _compare_all(ours: dict, reference: dict, copies: dict, tol: dict) -> dict[s
 
 def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
     """Compare our HiCroPL with a fixture; the report's ``ok`` is True iff all tensors and checks fit."""
-    fixture = Path(fixture_dir)
-    manifest = json.loads((fixture / "manifest.json").read_text())
-    torch.set_num_threads(threads or manifest.get("produced_by", {}).get("torch_num_threads", 2))
-    name, config = method_from_manifest(manifest)
-    ours, checks, copies = compute_outputs(fixture, manifest)
-    results = _compare_all(ours, reference_tensors(fixture, manifest), copies, tolerances(manifest))
-    results.update({key: {"ok": bool(ok), "max_abs_diff": 0.0 if ok else float("inf"), "check": True}
-                    for key, ok in sorted(checks.items())})
-    return build_report(fixture, name, config, results)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m alignednorm.compat.parity_hicropl FIXTURE_DIR``: the report as JSON, exit 0 iff all fit."""
-    from alignednorm.compat.parity import main as parity_main
-
-    return parity_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    fixture, manifest = read_manifest(fixture_dir)
+    with fixture_threads(manifest, threads):
+        name, config = method_from_manifest(manifest)
+        ours, checks, copies = compute_outputs(fixture, manifest)
+        results = _compare_all(ours, reference_tensors(fixture, manifest), copies, tolerances(manifest))
+        results.update({key: {"ok": bool(ok), "max_abs_diff": 0.0 if ok else float("inf"), "check": True}
+                        for key, ok in sorted(checks.items())})
+        return build_report(fixture, name, config, results)

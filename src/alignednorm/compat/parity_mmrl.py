@@ -9,7 +9,6 @@ tensor of the fixture.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.compat.official import convert_official_state, ours_to_official
-from alignednorm.compat.parity import build_report, compare, tolerances
+from alignednorm.compat.parity import build_report, compare, fixture_threads, read_manifest, tolerances
 from alignednorm.methods import create_method
 
 # Official config section -> (our method, official key -> our config field)
@@ -146,18 +145,17 @@ def compute_outputs(fixture: Path, manifest: dict) -> dict[str, torch.Tensor]:
 
 def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
     """Compare our implementation with a fixture; returns the report (``report["ok"]``)."""
-    fixture = Path(fixture_dir)
-    manifest = json.loads((fixture / "manifest.json").read_text())
-    torch.set_num_threads(threads or manifest.get("produced_by", {}).get("torch_num_threads", 2))
-    name, config, _ = method_from_manifest(manifest)
-    ours = compute_outputs(fixture, manifest)
-    reference = load_file(str(fixture / "outputs.safetensors"))
-    inputs = load_file(str(fixture / "inputs.safetensors"))
-    # Our tokenizer must give the official token ids, or nothing downstream can match.
-    reference.setdefault("tokens.base", inputs["tokenized_prompts"])
-    reference.setdefault("tokens.new", inputs["tokenized_prompts_new"])
-    tol = tolerances(manifest)
-    results = {}
-    for key, ref in sorted(reference.items()):
-        results[key] = compare(key, ours[key], ref, tol) if key in ours else {"ok": False, "error": "not computed"}
-    return build_report(fixture, name, config, results)
+    fixture, manifest = read_manifest(fixture_dir)
+    with fixture_threads(manifest, threads):
+        name, config, _ = method_from_manifest(manifest)
+        ours = compute_outputs(fixture, manifest)
+        reference = load_file(str(fixture / "outputs.safetensors"))
+        inputs = load_file(str(fixture / "inputs.safetensors"))
+        # Our tokenizer must give the official token ids, or nothing downstream can match.
+        reference.setdefault("tokens.base", inputs["tokenized_prompts"])
+        reference.setdefault("tokens.new", inputs["tokenized_prompts_new"])
+        tol = tolerances(manifest)
+        results = {}
+        for key, ref in sorted(reference.items()):
+            results[key] = compare(key, ours[key], ref, tol) if key in ours else {"ok": False, "error": "not computed"}
+        return build_report(fixture, name, config, results)

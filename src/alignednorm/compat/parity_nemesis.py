@@ -13,7 +13,6 @@ gradient tolerance (the README's rule). Entry point: ``python -m alignednorm.com
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.compat.official import convert_official_state
-from alignednorm.compat.parity import build_report, compare, tolerances
+from alignednorm.compat.parity import build_report, compare, fixture_threads, read_manifest, tolerances
 from alignednorm.losses.nemesis import OFFICIAL_NORMS, logged_position_norms, matrix_norm, pan_weights
 from alignednorm.methods import StepState, create_method
 
@@ -199,24 +198,23 @@ def _compare_step(key: str, ours: torch.Tensor, ref: torch.Tensor, initial: torc
 
 def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
     """Compare our CoOp / Nemesis with a fixture; the report's ``ok`` is True iff all tensors fit."""
-    fixture = Path(fixture_dir)
-    manifest = json.loads((fixture / "manifest.json").read_text())
-    torch.set_num_threads(threads or manifest.get("produced_by", {}).get("torch_num_threads", 2))
-    name, config = method_from_manifest(manifest)
-    ours = compute_outputs(fixture, manifest)
-    reference = load_file(str(fixture / "outputs.safetensors"))
-    inputs = load_file(str(fixture / "inputs.safetensors"))
-    start = load_file(str(fixture / "learnable.safetensors"))
-    reference["tokens.base"] = inputs["tokenized_prompts"]
-    tol = tolerances(manifest)
-    results = {}
-    for key, ref in sorted(reference.items()):
-        if key not in ours:
-            results[key] = {"ok": False, "error": "not computed"}
-        elif key.startswith("after_step."):
-            initial = start[key.removeprefix("after_step.")]
-            results[key] = _compare_step(key, ours[key], ref, initial, tol)
-            results[key.replace("after_step.", "after_step_value.", 1)] = compare(key, ours[key], ref, tol)
-        else:
-            results[key] = compare(key, ours[key], ref, tol)
-    return build_report(fixture, name, config, results)
+    fixture, manifest = read_manifest(fixture_dir)
+    with fixture_threads(manifest, threads):
+        name, config = method_from_manifest(manifest)
+        ours = compute_outputs(fixture, manifest)
+        reference = load_file(str(fixture / "outputs.safetensors"))
+        inputs = load_file(str(fixture / "inputs.safetensors"))
+        start = load_file(str(fixture / "learnable.safetensors"))
+        reference["tokens.base"] = inputs["tokenized_prompts"]
+        tol = tolerances(manifest)
+        results = {}
+        for key, ref in sorted(reference.items()):
+            if key not in ours:
+                results[key] = {"ok": False, "error": "not computed"}
+            elif key.startswith("after_step."):
+                initial = start[key.removeprefix("after_step.")]
+                results[key] = _compare_step(key, ours[key], ref, initial, tol)
+                results[key.replace("after_step.", "after_step_value.", 1)] = compare(key, ours[key], ref, tol)
+            else:
+                results[key] = compare(key, ours[key], ref, tol)
+        return build_report(fixture, name, config, results)
