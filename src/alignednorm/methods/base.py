@@ -264,13 +264,17 @@ class Method(nn.Module):
     def learnable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def saved_parameters(self) -> dict[str, nn.Parameter]:
+        """The tensors a run keeps, by name: the learnable ones (a method may keep frozen ones it uses too)."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
     def learnable_state_dict(self) -> dict[str, Tensor]:
-        """Only the learned tensors, by name; class-dependent buffers are not included."""
-        return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+        """Only the saved tensors, by name; class-dependent buffers are not included."""
+        return {n: p.detach().clone() for n, p in self.saved_parameters().items()}
 
     def load_learnable_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
-        """Load learned tensors, strictly: every key present, every shape right."""
-        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        """Load saved tensors, strictly: every key present, every shape right."""
+        own = self.saved_parameters()
         mismatch = state_mismatch(own, state)
         if mismatch:
             raise CheckpointError(f"{source} does not fit method {self.name!r} on this backbone: {mismatch}")

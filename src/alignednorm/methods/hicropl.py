@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Traces
-from alignednorm.errors import CheckpointError, ConfigError, state_mismatch
+from alignednorm.errors import ConfigError
 from alignednorm.methods.base import Outputs, StepState, check_range, register_method
 from alignednorm.methods.maple import DeepPromptConfig, DeepPromptMethod
 from alignednorm.prompts.cross_tower import CrossTowerFlow, CrossTowerOutput
@@ -268,18 +268,6 @@ class HiCroPL(DeepPromptMethod):
         """What a run keeps: the prompts and the cross-tower nets (frozen in ``reference`` mode, but used)."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad or n.startswith("cross.")}
 
-    def learnable_state_dict(self) -> dict[str, Tensor]:
-        return {n: p.detach().clone() for n, p in self.saved_parameters().items()}
-
-    def load_learnable_state_dict(self, state: dict[str, Tensor], source: str = "checkpoint") -> None:
-        own = self.saved_parameters()
-        mismatch = state_mismatch(own, state)
-        if mismatch:
-            raise CheckpointError(f"{source} does not fit method {self.name!r} on this backbone: {mismatch}")
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(state[k].to(p.dtype))
-        self.invalidate_text_cache()
 
 
 def description_embeddings(backbone: ClipBackbone, space: LabelSpace) -> Tensor:
