@@ -283,16 +283,11 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
     train_stats = {}
     if trainer is not None:
         train_stats = _fit_with_solver(method, train_split, data_cfg)  # None: the method trains by gradient
-    if trainer is not None and train_stats is None:
-        transform = D.build_transform(backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale),
-                                      hflip=data_cfg.hflip)
-        dataset = D.ImageListDataset(train_split.train, transform, skip_corrupt=data_cfg.skip_corrupt)
-        validate = _validator(train_split, spec.dataset, data_cfg) if train_split.val else None
-        train_stats = trainer.fit(dataset, resume=False, validate=validate)
-        train_stats["skipped_images"] = dataset.num_skipped
-    if trainer is not None and main:
-        save_tensors(run_dir / "learnable.safetensors", method.learnable_state_dict(),
-                     metadata={"method": spec.method, "classnames": json.dumps(train_split.classnames)})
+        if train_stats is None:
+            train_stats = _train_by_gradient(trainer, train_split, spec.dataset, data_cfg)
+        if main:
+            save_tensors(run_dir / "learnable.safetensors", method.learnable_state_dict(),
+                         metadata={"method": spec.method, "classnames": json.dumps(train_split.classnames)})
     cost = {k: train_stats.pop(k) for k in COST_KEYS if k in train_stats}
     metrics = {"method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "seed": train_cfg.seed,
                "train": train_stats, "cost": cost, "eval": {}}
@@ -301,6 +296,17 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete; learnable.safetensors stays
     distributed.barrier()
     return metrics
+
+
+def _train_by_gradient(trainer: Trainer, split: D.DatasetSplits, dataset_name: str, data_cfg) -> dict:
+    """The trainer's epochs on augmented training images (validation for ``select: best-val``)."""
+    transform = D.build_transform(trainer.method.backbone.image_size, train=True,
+                                  crop_scale=tuple(data_cfg.crop_scale), hflip=data_cfg.hflip)
+    dataset = D.ImageListDataset(split.train, transform, skip_corrupt=data_cfg.skip_corrupt)
+    validate = _validator(split, dataset_name, data_cfg) if split.val else None
+    stats = trainer.fit(dataset, resume=False, validate=validate)
+    stats["skipped_images"] = dataset.num_skipped
+    return stats
 
 
 def _fit_with_solver(method: Method, split: D.DatasetSplits, data_cfg) -> dict | None:
