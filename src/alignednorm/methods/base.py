@@ -7,6 +7,7 @@ interface below, so adding a method never touches them.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import difflib
@@ -83,7 +84,7 @@ def check_rule(rule: str) -> str:
     return rule
 
 
-class Method(nn.Module):
+class Method(nn.Module, abc.ABC):
     """Base class: a frozen :class:`ClipBackbone` plus the method's learnable modules.
 
     Subclasses implement ``forward(images, rule, trace)`` and, when their class embeddings are not
@@ -215,9 +216,9 @@ class Method(nn.Module):
         """
         return None
 
+    @abc.abstractmethod
     def forward(self, images: Tensor, rule: str = "any", trace: Traces | None = None) -> Outputs:
         """Logits of the inference ``rule`` (``seen``/``unseen``/``any``) for ``(B, 3, H, W)`` images."""
-        raise NotImplementedError
 
     def training_step(self, batch: tuple[Tensor, Tensor], state: StepState | None = None) -> dict[str, Tensor]:
         """Named loss terms for one batch; the key ``loss`` is what is back-propagated."""
