@@ -11,9 +11,11 @@ from alignednorm.methods import list_methods
 
 def test_optimisations_change_no_logit_and_every_method_is_counted():
     result = run_bench("mmrlpp", "tiny", classes=(3,), batch=2, iters=1, backbone=random_clip("tiny"))
-    off, on = result.timings
-    assert off.settings == {"cut_text_padding": False} and on.settings == {"cut_text_padding": True}
-    assert on.logits_max_diff < 1e-4  # logits are 100·cosine: cosines agree to 1e-6 (BLAS order only)
+    assert [t.settings for t in result.timings] == [
+        {"cut_text_padding": False, "share_text_prefix": False},
+        {"cut_text_padding": True, "share_text_prefix": False},
+        {"cut_text_padding": True, "share_text_prefix": True}]
+    assert all(t.logits_max_diff < 1e-4 for t in result.timings)  # 100·cosine: cosines agree to 1e-6 (BLAS order)
     assert set(result.params) == set(list_methods()) and result.params["zeroshot"] == 0
     assert result.params["mmrlpp"] > 0
 
@@ -23,5 +25,5 @@ def test_bench_command_json():
                                    "--batch", "2", "--iters", "1", "--json"], catch_exceptions=False)
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
-    assert data["method"] == "alignednorm" and len(data["timings"]) == 2
+    assert data["method"] == "alignednorm" and len(data["timings"]) == 3
     assert all(t["train_s"] > 0 and t["eval_first_s"] > 0 for t in data["timings"])

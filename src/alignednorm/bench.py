@@ -29,7 +29,7 @@ GEOMETRIES = {
     "tiny": (12, 64, 16, 32, 64, 1, 12, 32),
 }
 # Backbone switches that change speed and memory, never numbers.
-OPTIMISATIONS = ("cut_text_padding",)
+OPTIMISATIONS = ("cut_text_padding", "share_text_prefix")
 
 
 def random_clip(geometry: str, seed: int = 0) -> ClipBackbone:
@@ -120,9 +120,14 @@ def time_configuration(method, images, labels, classnames, iters: int) -> tuple[
     return (_median(train) if train else float("nan")), _median(first), _median(steady), logits
 
 
+def optimisation_settings() -> list[dict[str, bool]]:
+    """Every optimisation off, then each one switched on in turn, keeping the earlier ones on."""
+    return [{name: i < on for i, name in enumerate(OPTIMISATIONS)} for on in range(len(OPTIMISATIONS) + 1)]
+
+
 def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch: int = 8, iters: int = 2,
               device: str = "cpu", backbone: ClipBackbone | None = None) -> BenchResult:
-    """Time ``method_name`` with every optimisation off, then on, per class count (alternating, one process)."""
+    """Time ``method_name`` under :func:`optimisation_settings` per class count (one process, in turn)."""
     dev = torch.device(device)
     label = geometry if backbone is None else Path(backbone.source or "given backbone").name
     backbone = (backbone or random_clip(geometry)).to(dev)
@@ -133,8 +138,8 @@ def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch:
         labels = (torch.arange(batch) % n_classes).to(dev)
         classnames = [f"class {i}" for i in range(n_classes)]
         reference = None
-        for enabled in (False, True):
-            for name in OPTIMISATIONS:
+        for settings in optimisation_settings():
+            for name, enabled in settings.items():
                 setattr(backbone, name, enabled)
             torch.manual_seed(0)
             method = create_method(method_name, backbone).to(dev)
@@ -144,7 +149,7 @@ def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch:
             diff = 0.0 if reference is None else float((logits - reference).abs().max())
             reference = logits if reference is None else reference
             result.timings.append(Timing(
-                n_classes, {name: enabled for name in OPTIMISATIONS}, train_s, first_s, steady_s,
+                n_classes, dict(settings), train_s, first_s, steady_s,
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None, diff))
     for name in OPTIMISATIONS:
@@ -152,19 +157,25 @@ def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch:
     return result
 
 
+def _setting_label(settings: dict[str, bool]) -> str:
+    on = [name for name, enabled in settings.items() if enabled]
+    return "+" + on[-1] if on else "none"
+
+
 def format_result(result: BenchResult) -> str:
-    """A plain-text table: s/iter off/on and their ratio per class count, then parameter counts."""
-    lines = [f"{result.method} on {result.geometry} ({result.device}, batch {result.batch}): seconds per iteration",
-             f"{'classes':>7}  {'optimisations':<13} {'train':>9} {'eval 1st':>9} {'eval':>9} {'max |dlogit|':>12}"]
-    by_classes: dict[int, list[Timing]] = {}
+    """A plain-text table: s/iter per configuration and the speed-up over "none", per class count."""
+    title = (f"{result.method} on {result.geometry} ({result.device}, batch {result.batch}): seconds per iteration; "
+             "each row adds one optimisation to the row above")
+    header = (f"{'classes':>7}  {'optimisation':<20} {'train':>9} {'eval 1st':>9} {'eval':>9} {'max |dlogit|':>12}"
+              f"  {'speed-up train / eval 1st / eval':>32}")
+    lines = [title, header]
+    baseline: dict[int, Timing] = {}
     for t in result.timings:
-        by_classes.setdefault(t.classes, []).append(t)
-        state = "on" if all(t.settings.values()) else "off"
-        lines.append(f"{t.classes:>7}  {state:<13} {t.train_s:>9.3f} {t.eval_first_s:>9.3f} {t.eval_steady_s:>9.3f}"
-                     f" {t.logits_max_diff:>12.2e}")
-    for n, (off, on) in by_classes.items():
-        lines.append(f"{n:>7}  speed-up      {off.train_s / on.train_s:>8.2f}x {off.eval_first_s / on.eval_first_s:>8.2f}x"
-                     f" {off.eval_steady_s / on.eval_steady_s:>8.2f}x")
+        base = baseline.setdefault(t.classes, t)
+        ratios = " / ".join(f"{a / b:.2f}x" for a, b in ((base.train_s, t.train_s), (base.eval_first_s, t.eval_first_s),
+                                                       (base.eval_steady_s, t.eval_steady_s)))
+        lines.append(f"{t.classes:>7}  {_setting_label(t.settings):<20} {t.train_s:>9.3f} {t.eval_first_s:>9.3f}"
+                     f" {t.eval_steady_s:>9.3f} {t.logits_max_diff:>12.2e}  {ratios:>32}")
     lines.append("learnable parameters at this geometry (default configs): " +
                  ", ".join(f"{k} {v / 1e6:.3f} M" if v >= 0 else f"{k} n/a" for k, v in result.params.items()))
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from alignednorm.backbone.hooks import Prefix, PromptHook, PromptState, Trace, splice
 from alignednorm.backbone.loading import load_clip
+from alignednorm.backbone.shared_text import run_shared, shareable
 from alignednorm.errors import ConfigError
 
 
@@ -68,8 +69,9 @@ class ClipBackbone(nn.Module):
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.source = source
-        # Cut text padding after the last EOT (exact; see text_length). Off only to measure what it saves.
-        self.cut_text_padding = True
+        # Speed switches that change no feature; off only to measure what they save (``alignednorm bench``).
+        self.cut_text_padding = True  # drop the padding after the last EOT (see text_length)
+        self.share_text_prefix = True  # compute prompts' common beginning once (see backbone.shared_text)
         self.tokenizer = SimpleTokenizer(context_length=self.context_length)
 
     @classmethod
@@ -257,6 +259,9 @@ class ClipBackbone(nn.Module):
         return prefix.states, PromptState(prefix.prompts.start, prefix.prompts.n), prefix.layer
 
     def _run_blocks(self, x, blocks, hook, trace, state, start_layer, causal) -> Tensor:
+        shared = shareable(x) if causal and trace is None and self.share_text_prefix else 0
+        if shared:
+            return run_shared(x, shared, blocks, hook, state, start_layer, self._causal_block)
         for layer in range(start_layer, len(blocks) + 1):
             if hook is not None:
                 prompt = hook(layer)
@@ -269,6 +274,9 @@ class ClipBackbone(nn.Module):
         if trace is not None:
             trace.prompt_start, trace.prompt_count = state.start, state.n
         return x
+
+    def _causal_block(self, block: nn.Module, x: Tensor, layer: int) -> Tensor:
+        return self._block(block, x, causal_mask(x.shape[1], x.device, x.dtype), layer, None)
 
     @staticmethod
     def _block(block: nn.Module, x: Tensor, mask: Tensor | None, layer: int, trace: Trace | None) -> Tensor:
