@@ -16,7 +16,7 @@ CLASSES = ["cat", "red circle", "a very long class name of many words", "x", "do
 
 @pytest.fixture(scope="module")
 def backbone() -> ClipBackbone:
-    return ClipBackbone(make_tiny_clip(seed=5, layers=4, width=64, heads=2))
+    return ClipBackbone(make_tiny_clip(seed=5, layers=12, width=64, heads=2))
 
 
 @contextlib.contextmanager
@@ -83,15 +83,19 @@ def test_shared_beginning_changes_no_feature_or_gradient(backbone, per_row_at_la
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["mmrlpp", "alignednorm", "zeroshot", "coop"])
-def test_methods_train_and_predict_the_same_with_the_shared_beginning(backbone, name):
+@pytest.mark.parametrize("name, config", [
+    ("mmrlpp", {}), ("alignednorm", {}), ("zeroshot", {}), ("coop", {}), ("maple", {}), ("promptsrc", {}),
+    ("cocoop", {}), ("nemesis", {}), ("empl", {}),
+    # class-specific contexts from one phrase: equal by value, separate parameters, so never shared
+    ("coop", {"class_specific": True, "ctx_init": "a photo of a"})])
+def test_methods_train_and_predict_the_same_with_the_shared_beginning(backbone, name, config):
     images = torch.randn(2, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([0, 4])
     runs = {}
     for on in (False, True):
         with sharing(backbone, on):
             torch.manual_seed(0)
-            method = create_method(name, backbone, {"rep_layers": [2, 3, 4]} if "mm" in name or "al" in name else {})
+            method = create_method(name, backbone, config)
             method.set_classnames(CLASSES)
             loss = method.training_step((images, labels))["loss"] if method.learnable_parameters() else None
             grads = []

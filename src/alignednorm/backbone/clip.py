@@ -230,6 +230,7 @@ class ClipBackbone(nn.Module):
         embeddings: Tensor | None = None,
         prefix: Prefix | None = None,
         full_length: bool | None = None,
+        embeddings_built_alike: bool = False,
     ) -> TowerOutput:
         """Run the text tower.
 
@@ -242,11 +243,15 @@ class ClipBackbone(nn.Module):
             prefix: start at block ``prefix.layer`` from these cached states (see :meth:`text_prefix`).
             full_length: run all ``T`` positions; by default (``None``: ``not cut_text_padding``) the
                 padding after the last end-of-text token is cut (:meth:`text_length`), which changes no feature.
+            embeddings_built_alike: rows of ``embeddings`` equal at their leading positions were built
+                alike (one context for every class, not one per class), so those positions may run once
+                for all rows (:mod:`~alignednorm.backbone.shared_text`); never for class-specific contexts.
         """
         x, state, first = self._start(prefix, token_ids, self.embed_text if embeddings is None else lambda _: embeddings)
         if not self._keeps_padding(full_length):  # prompts inserted before the EOTs lengthen the kept part
             x = x[:, : self.text_length(token_ids) + (state.n if prefix is not None else 0)]
-        x = self._run_blocks(x, self.model.transformer.resblocks, hook, trace, state, first, causal=True)
+        x = self._run_blocks(x, self.model.transformer.resblocks, hook, trace, state, first, causal=True,
+                             rows_built_alike=embeddings_built_alike)
         tokens = self.model.ln_final(x)
         return TowerOutput(self.pool_text(tokens, token_ids, state), tokens, x, state.start, state.n, trace)
 
@@ -258,8 +263,8 @@ class ClipBackbone(nn.Module):
             return embed(inputs), PromptState(), 1
         return prefix.states, PromptState(prefix.prompts.start, prefix.prompts.n), prefix.layer
 
-    def _run_blocks(self, x, blocks, hook, trace, state, start_layer, causal) -> Tensor:
-        shared = shareable(x) if causal and trace is None and self.share_text_prefix else 0
+    def _run_blocks(self, x, blocks, hook, trace, state, start_layer, causal, rows_built_alike=False) -> Tensor:
+        shared = shareable(x, rows_built_alike) if causal and trace is None and self.share_text_prefix else 0
         if shared:
             return run_shared(x, shared, blocks, hook, state, start_layer, self._causal_block)
         for layer in range(start_layer, len(blocks) + 1):

@@ -7,14 +7,16 @@ them as one row ``(1, P, W)`` and lets the class-specific rest ``(N, R, W)`` att
 keys and values: every linear layer and MLP runs on ``N·R + P`` tokens instead of ``N·(P + R)``.
 
 It is exact, gradients included, when the shared rows are shared by construction: the input of
-the leading positions carries no gradient (it comes from frozen token ids or cached states) and
-every prompt spliced into them is one ``(n, W)`` set for all rows. Otherwise the caller runs the
+the leading positions carries no gradient (frozen token ids, cached states) or its rows were
+built alike by the caller (:func:`shareable`), and every prompt spliced into them is one
+``(n, W)`` set for all rows (or an expanded view of one). Otherwise the caller runs the
 ordinary path; a prompt that cannot be put into the shared part mid-way joins the rows again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -31,21 +33,32 @@ def leading_shared_length(x: Tensor) -> int:
     return int(same.int().cumprod(dim=0).sum())
 
 
-def shareable(x: Tensor) -> int:
+def shareable(x: Tensor, rows_built_alike: bool = False) -> int:
     """The shared length to use for ``x`` (0: run the ordinary path).
 
+    Rows equal by value are equal for the gradient only when they were built alike: from frozen
+    inputs, or by the same computation from the same learnable tensors (one context for every
+    class). A caller whose ``x`` needs a gradient says so with ``rows_built_alike``; a
+    class-specific context may equal another class's by value, never by construction.
     One position at least stays row-specific, so every pooled end-of-text token is in the rest.
     """
-    if x.shape[0] < 2 or x.requires_grad:
+    if x.shape[0] < 2 or (x.requires_grad and not rows_built_alike):
         return 0
     return min(leading_shared_length(x), x.shape[1] - 1)
 
 
+def _one_set(tokens: Tensor) -> Tensor | None:
+    """``tokens`` as one ``(n, W)`` set for every row, or None when rows get their own."""
+    if tokens.dim() == 2:
+        return tokens
+    return tokens[0] if tokens.stride(0) == 0 else None  # an expanded view: one set by construction
+
+
 def _fits_shared(prompt: LayerPrompt, state: PromptState, shared: int) -> bool:
     """Whether ``prompt`` touches only the shared positions with one token set for all rows."""
-    if prompt.tokens.dim() != 2:
+    if _one_set(prompt.tokens) is None:
         return False
-    n = prompt.tokens.shape[0]
+    n = prompt.tokens.shape[-2]
     if prompt.mode == "insert":
         return prompt.at is not None and 0 <= prompt.at <= shared
     at = state.start if prompt.at is None else prompt.at
@@ -97,7 +110,7 @@ def run_shared(x: Tensor, shared: int, blocks, hook: PromptHook | None, state: P
             if not _fits_shared(prompt, state, head.shape[1]):
                 joined = torch.cat([head.expand(n, -1, -1), rest], dim=1)
                 return _finish(joined, blocks, hook, state, layer, prompt, full_block)
-            head = splice(head, prompt, state)
+            head = splice(head, replace(prompt, tokens=_one_set(prompt.tokens)), state)
         head, rest = shared_block(blocks[layer - 1], head, rest)
     return torch.cat([head.expand(n, -1, -1), rest], dim=1)
 

@@ -81,10 +81,16 @@ class CoOp(Method):
         super().load_learnable_state_dict(state, source)
 
     # ------------------------------------------------------------------ forward
-    def encode_prompts(self, embeddings: Tensor, token_ids: Tensor, trace: Trace | None = None) -> Tensor:
-        """Text features ``(N, E)`` (not normalised) of prompt embeddings ``(N, T, W)`` (no positional yet)."""
+    def encode_prompts(self, embeddings: Tensor, token_ids: Tensor, trace: Trace | None = None,
+                       built_alike: bool | None = None) -> Tensor:
+        """Text features ``(N, E)`` (not normalised) of prompt embeddings ``(N, T, W)`` (no positional yet).
+
+        ``built_alike``: rows equal at their start come from one context (default: unless class-specific),
+        so the backbone may run that start once; pass False when rows are separate variables.
+        """
         x = embeddings + self.backbone.model.positional_embedding.to(embeddings.dtype)
-        return self.backbone.encode_text(token_ids, embeddings=x, trace=trace).features
+        alike = not self.class_specific if built_alike is None else built_alike
+        return self.backbone.encode_text(token_ids, embeddings=x, trace=trace, embeddings_built_alike=alike).features
 
     def compute_text_features(self, trace: Trace | None = None) -> Tensor:
         embeddings, token_ids = self.context()

@@ -132,7 +132,8 @@ class EMPL(CoOp):
         n, classes = contexts.shape[0], len(self.context.classnames)
         prompts = torch.cat([self.context.embeddings(contexts[i]) for i in range(n)])  # (N·C, T, W)
         ids = self.context.token_ids.repeat(n, 1)  # (N·C, T)
-        return F.normalize(self.encode_prompts(prompts, ids), dim=-1).view(n, classes, -1)
+        # each chain is its own variable (Langevin steps differentiate by it): equal chains stay separate rows
+        return F.normalize(self.encode_prompts(prompts, ids, built_alike=False), dim=-1).view(n, classes, -1)
 
     def chain_logits(self, f: Tensor, texts: Tensor) -> Tensor:
         """Logits ``(B, K, C)`` of normalised images ``(B, E)`` under chains' texts ``(K, C, E)`` or ``(B·K, C, E)``."""

@@ -75,7 +75,8 @@ class DeepPromptMethod(Method):
         x = self.text_prompts_input(ctx) + self.backbone.model.positional_embedding
         rounding = self.config.official_fp16_rounding
         copies = {b: expand_tokens(t, x.shape[0], rounding) for b, t in deep.items()}
-        out = self.backbone.encode_text(self.token_ids, hook=text_context_hook(copies), trace=trace, embeddings=x)
+        out = self.backbone.encode_text(self.token_ids, hook=text_context_hook(copies), trace=trace, embeddings=x,
+                                        embeddings_built_alike=True)  # one context for every class
         return out.features
 
     def encode_prompted_image(self, images: Tensor, first: Tensor, deep: dict[int, Tensor],
