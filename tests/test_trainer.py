@@ -176,3 +176,21 @@ def test_best_val_selection_keeps_the_best_epoch(backbone, tmp_path):
         Trainer(_method(backbone), cfg, progress=False).fit(_data())
     with pytest.raises(ConfigError, match="train.select = 'best'"):
         TrainConfig(select="best")
+
+
+def test_compiled_forward_trains_to_the_eager_numbers(backbone):
+    """``train.compile`` (here dynamo with the ``eager`` backend: tracing without code generation)."""
+    results = []
+    for backend in ("", "eager"):
+        method = _method(backbone)
+        trainer = Trainer(method, TrainConfig(epochs=1, batch_size=4, warmup_epochs=0, lr=1e-2, compile=backend),
+                          progress=False)
+        trainer._loader = lambda ds, epoch: torch.utils.data.DataLoader(ds, batch_size=4)
+        stats = trainer.fit(_data())
+        results.append((stats["loss"], method.learnable_state_dict()))
+    (loss, eager), (compiled_loss, compiled) = results
+    assert abs(loss - compiled_loss) < 1e-5
+    assert eager.keys() == compiled.keys()
+    assert all(torch.allclose(eager[k], compiled[k], atol=1e-6) for k in eager)
+    with pytest.raises(ConfigError, match="train.compile = 'inductr'"):
+        TrainConfig(compile="inductr")
