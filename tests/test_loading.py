@@ -247,10 +247,11 @@ def test_no_random_init_warning_when_weights_follow(tmp_path, tiny_configs, capl
                         r"text pooling 'last' .*without causal mask")),
     ("ViT-H-14-worldwide", (r"the tokenizer facebook/xlm-v-base instead of CLIP's BPE; a vocabulary of 901,629 "
                             r"tokens .*text pooling 'eos'")),
-    ("ViT-B-16-SigLIP", (r"a custom text tower .*a timm image tower \(vit_base_patch16_siglip_224\).*"
+    ("ViT-B-16-SigLIP", (r"a timm image tower \(vit_base_patch16_siglip_224\) other than EVA-CLIP's Eva; image "
+                         r"pooling 'map' \(attention pooling: SigLIP-style towers have no class token\).*"
                          r"text pooling 'last'")),
     ("coca_ViT-B-32", r"a CoCa captioning model .*attentional pooling in the image tower"),
-    ("EVA02-B-16", r"a custom text tower .*; a timm image tower \(eva02_base_patch16_clip_224\)"),
+    ("PE-Core-B-16", r"a timm image tower \(vit_pe_core_base_patch16_224\) other than EVA-CLIP's Eva; image pooling 'map'"),
     ("convnext_base", r"a timm image tower \(convnext_base\)"),
     ("roberta-ViT-B-32", r"a Hugging Face text tower \(roberta-base\)"),
 ])
@@ -290,8 +291,16 @@ def test_built_models_are_checked_too():
     custom = _shrunk("ViT-B-16")
     custom["vision_cfg"]["qk_norm"] = True
     assert model_problems(CLIP(**custom)) == ["custom attention blocks instead of nn.MultiheadAttention blocks"]
-    text_tower = open_clip.model.CustomTextCLIP(**_shrunk("ViT-B-16"))
-    assert model_problems(text_tower)[0].startswith("a CustomTextCLIP instead of open_clip's CLIP")
+    assert model_problems(open_clip.model.CustomTextCLIP(**_shrunk("ViT-B-16"))) == []  # CLIP's text tower under .text
+    siglip = _shrunk("ViT-B-16-SigLIP", vocab_size=500)
+    siglip["vision_cfg"] = {"image_size": 32, "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map",
+                            "timm_proj": "none"}
+    siglip.pop("custom_text")
+    with torch.device("meta"):
+        problems = model_problems(open_clip.model.CustomTextCLIP(**siglip))
+    assert problems[:3] == ["a timm image tower (VisionTransformer) that is not timm's Eva (only EVA-CLIP's are supported)",
+                            "text pooling 'last' instead of the end-of-text token ('argmax')",
+                            "a text tower without causal mask"]
 
 
 def test_matching_configs_compares_every_shape():

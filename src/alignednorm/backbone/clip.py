@@ -4,7 +4,9 @@
 record) -> final norm -> pooling -> projection, in both towers. Only attribute names shared by
 OpenAI's archives and open_clip 3.x/4.x are touched (style.md §3). OpenAI's ResNet image towers
 (RN50, RN101) run as one frozen module: methods that only prompt the text tower (zero-shot, CoOp,
-CoCoOp, Nemesis, linear probe) work on them, vision hooks get a clear error.
+CoCoOp, Nemesis, linear probe) work on them, vision hooks get a clear error. EVA-CLIP image towers
+(timm's ``Eva`` in open_clip's ``TimmModel``) run block by block in :mod:`alignednorm.backbone.eva`,
+and a text tower under ``model.text`` (``CustomTextCLIP``) is reached through :attr:`~ClipBackbone.text_tower`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from open_clip.model import CLIP
+from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
+from alignednorm.backbone import eva
 from alignednorm.backbone.hooks import Prefix, PromptHook, PromptState, Trace, splice
 from alignednorm.backbone.loading import load_clip
 from alignednorm.backbone.shared_text import run_shared, shareable
@@ -55,17 +58,20 @@ class ClipBackbone(nn.Module):
     """A frozen CLIP with prompt hooks in both towers.
 
     Args:
-        model: an open_clip ``CLIP`` (OpenAI layout: text modules on the model itself) with a ViT
-            image tower, or OpenAI's ModifiedResNet one (text-side methods only).
+        model: an open_clip ``CLIP`` (OpenAI layout: text modules on the model itself) or
+            ``CustomTextCLIP`` (CLIP's text tower under ``model.text``), with a ViT or EVA-CLIP image
+            tower, or OpenAI's ModifiedResNet one (text-side methods only).
         source: where the weights came from (a path), kept for run metadata.
     """
 
-    def __init__(self, model: CLIP, source: str | None = None):
+    def __init__(self, model: CLIP | CustomTextCLIP, source: str | None = None):
         super().__init__()
         visual = getattr(model, "visual", None)
-        if not hasattr(model, "token_embedding") or not (hasattr(visual, "transformer") or hasattr(visual, "attnpool")):
-            raise TypeError("ClipBackbone needs an open_clip CLIP with a ViT or ResNet image tower and a built-in "
-                            "text tower")
+        text = model.text if isinstance(model, CustomTextCLIP) else model
+        if not hasattr(text, "token_embedding") or not (
+                hasattr(visual, "transformer") or hasattr(visual, "attnpool") or eva.is_eva_tower(visual)):
+            raise TypeError("ClipBackbone needs an open_clip CLIP or CustomTextCLIP with a ViT, EVA or ResNet image "
+                            "tower and CLIP's text tower")
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.source = source
@@ -88,8 +94,18 @@ class ClipBackbone(nn.Module):
     # ----------------------------------------------------------------- geometry
     @property
     def is_vit(self) -> bool:
-        """Whether the image tower is a ViT (runs block by block, takes prompts and traces)."""
-        return hasattr(self.model.visual, "transformer")
+        """Whether the image tower is a ViT, EVA's included (runs block by block, takes prompts and traces)."""
+        return hasattr(self.model.visual, "transformer") or self.is_eva
+
+    @property
+    def is_eva(self) -> bool:
+        """Whether the image tower is EVA-CLIP's timm ``Eva`` (run by :mod:`alignednorm.backbone.eva`)."""
+        return eva.is_eva_tower(self.model.visual)
+
+    @property
+    def text_tower(self) -> nn.Module:
+        """The module holding the text tower's parts: the CLIP itself, or ``model.text`` of a ``CustomTextCLIP``."""
+        return self.model.text if isinstance(self.model, CustomTextCLIP) else self.model
 
     def require_vit(self, who: str) -> None:
         """Refuse, naming ``who``, when the image tower cannot take prompts (a ResNet)."""
@@ -100,24 +116,26 @@ class ClipBackbone(nn.Module):
 
     @property
     def vision_layers(self) -> int:
-        return len(self.model.visual.transformer.resblocks) if self.is_vit else 0
+        return len(self._image_blocks) if self.is_vit else 0
 
     @property
     def text_layers(self) -> int:
-        return len(self.model.transformer.resblocks)
+        return len(self.text_tower.transformer.resblocks)
 
     @property
     def vision_width(self) -> int:
+        if self.is_eva:
+            return self.model.visual.trunk.embed_dim
         return self.model.visual.conv1.out_channels if self.is_vit else 0
 
     @property
     def text_width(self) -> int:
-        return self.model.ln_final.weight.shape[0]
+        return self.text_tower.ln_final.weight.shape[0]
 
     @property
     def embed_dim(self) -> int:
-        return self.model.text_projection.shape[-1] if not isinstance(self.model.text_projection, nn.Linear) \
-            else self.model.text_projection.out_features
+        proj = self.text_tower.text_projection
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[-1]
 
     @property
     def image_size(self) -> int:
@@ -126,7 +144,43 @@ class ClipBackbone(nn.Module):
 
     @property
     def context_length(self) -> int:
-        return self.model.positional_embedding.shape[0]
+        return self.text_tower.positional_embedding.shape[0]
+
+    # ----------------------------------------------------------------- parts methods read
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The text tower's token embedding table."""
+        return self.text_tower.token_embedding
+
+    @property
+    def text_positional_embedding(self) -> Tensor:
+        """The text tower's positional embeddings ``(context_length, W_t)``."""
+        return self.text_tower.positional_embedding
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """CLIP's learned log temperature: ``exp`` of it scales the cosine logits."""
+        return self.model.logit_scale
+
+    @property
+    def image_pre_norm(self) -> nn.Module:
+        """The norm of the embedded image sequence before the blocks (``ln_pre``; EVA: ``norm_pre``)."""
+        return self.model.visual.trunk.norm_pre if self.is_eva else self.model.visual.ln_pre
+
+    @property
+    def image_final_norm(self) -> nn.Module:
+        """The norm after the last image block (``ln_post``; EVA: the trunk's ``norm``)."""
+        return self.model.visual.trunk.norm if self.is_eva else self.model.visual.ln_post
+
+    @property
+    def image_projection(self) -> Tensor:
+        """The frozen image projection as a ``(W, E)`` matrix (EVA: its linear head's weight, transposed;
+        that head also adds a bias, which :meth:`project_image` applies)."""
+        return self.model.visual.trunk.head.weight.t() if self.is_eva else self.model.visual.proj
+
+    @property
+    def _image_blocks(self) -> nn.ModuleList:
+        return self.model.visual.trunk.blocks if self.is_eva else self.model.visual.transformer.resblocks
 
     def tokenize(self, texts: list[str]) -> Tensor:
         """BPE token ids ``(N, context_length)``; raises if a text would be truncated."""
@@ -139,7 +193,9 @@ class ClipBackbone(nn.Module):
 
     # ----------------------------------------------------------------- vision
     def embed_image(self, images: Tensor) -> Tensor:
-        """Patch + class + positional embeddings and ``ln_pre``: ``(B, 1 + grid², W)``."""
+        """Patch + class + positional embeddings and ``ln_pre`` (EVA: ``norm_pre``): ``(B, 1 + grid², W)``."""
+        if self.is_eva:
+            return eva.embed_image(self.model.visual, images)
         visual = self.model.visual
         x = visual.conv1(images.to(visual.conv1.weight.dtype))  # (B, W, g, g)
         x = x.flatten(2).transpose(1, 2)  # (B, g*g, W)
@@ -148,8 +204,15 @@ class ClipBackbone(nn.Module):
         return visual.ln_pre(x)
 
     def pool_image(self, tokens: Tensor) -> Tensor:
-        """The projected class token ``(B, E)`` of ``ln_post`` outputs ``(B, T, W)``."""
-        return tokens[:, 0] @ self.model.visual.proj
+        """The projected class token ``(B, E)`` of final-norm (``ln_post``) outputs ``(B, T, W)``."""
+        return self.project_image(tokens[:, 0])
+
+    def project_image(self, pooled: Tensor, delta: Tensor | None = None) -> Tensor:
+        """Pooled tokens ``(B, W)`` through the frozen image projection, ``delta`` ``(W, E)`` added to its matrix."""
+        if self.is_eva:
+            return eva.project(self.model.visual, pooled, delta)
+        proj = self.model.visual.proj
+        return pooled @ (proj if delta is None else proj + delta)
 
     def encode_image(
         self,
@@ -171,22 +234,27 @@ class ClipBackbone(nn.Module):
                 self.require_vit("a vision prompt hook, trace or prefix")
             return TowerOutput(self.model.visual(images), None, None)
         x, state, first = self._start(prefix, images, self.embed_image)
-        x = self._run_blocks(x, self.model.visual.transformer.resblocks, hook, trace, state, first, causal=False)
-        tokens = self.model.visual.ln_post(x)
+        x = self._run_image_blocks(x, self._image_blocks, hook, trace, state, first)
+        tokens = self.image_final_norm(x)
         return TowerOutput(self.pool_image(tokens), tokens, x, state.start, state.n, trace)
 
     def image_prefix(self, images: Tensor, upto: int, trace: Trace | None = None) -> Prefix:
         """The prompt-free sequence entering block ``upto`` (blocks ``1 .. upto-1`` run)."""
         self.require_vit("image_prefix")
-        blocks = self.model.visual.transformer.resblocks[: upto - 1]
-        states = self._run_blocks(self.embed_image(images), blocks, None, trace, PromptState(), 1, causal=False)
+        blocks = self._image_blocks[: upto - 1]
+        states = self._run_image_blocks(self.embed_image(images), blocks, None, trace, PromptState(), 1)
         return Prefix(upto, states)
+
+    def _run_image_blocks(self, x, blocks, hook, trace, state, start_layer) -> Tensor:
+        if self.is_eva:  # rotary embeddings and EVA's blocks
+            return eva.run_blocks(self.model.visual.trunk, x, blocks, hook, trace, state, start_layer)
+        return self._run_blocks(x, blocks, hook, trace, state, start_layer, causal=False)
 
     # ----------------------------------------------------------------- text
     def embed_text(self, token_ids: Tensor) -> Tensor:
         """Token + positional embeddings ``(N, T, W)``."""
-        x = self.model.token_embedding(token_ids)
-        return x + self.model.positional_embedding.to(x.dtype)
+        x = self.text_tower.token_embedding(token_ids)
+        return x + self.text_tower.positional_embedding.to(x.dtype)
 
     def _keeps_padding(self, full_length: bool | None) -> bool:
         return not self.cut_text_padding if full_length is None else full_length
@@ -206,7 +274,7 @@ class ClipBackbone(nn.Module):
         x = self.embed_text(token_ids) if embeddings is None else embeddings
         if not self._keeps_padding(full_length):
             x = x[:, : self.text_length(token_ids)]
-        blocks = self.model.transformer.resblocks[: upto - 1]
+        blocks = self.text_tower.transformer.resblocks[: upto - 1]
         return Prefix(upto, self._run_blocks(x, blocks, None, trace, PromptState(), 1, causal=True))
 
     def pool_text(self, tokens: Tensor, token_ids: Tensor, prompts: PromptState | None = None) -> Tensor:
@@ -219,7 +287,7 @@ class ClipBackbone(nn.Module):
         if prompts is not None and prompts.n:
             eot = eot + torch.where(eot >= prompts.start, prompts.n, 0)
         pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), eot]
-        proj = self.model.text_projection
+        proj = self.text_tower.text_projection
         return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
 
     def encode_text(
@@ -250,9 +318,9 @@ class ClipBackbone(nn.Module):
         x, state, first = self._start(prefix, token_ids, self.embed_text if embeddings is None else lambda _: embeddings)
         if not self._keeps_padding(full_length):  # prompts inserted before the EOTs lengthen the kept part
             x = x[:, : self.text_length(token_ids) + (state.n if prefix is not None else 0)]
-        x = self._run_blocks(x, self.model.transformer.resblocks, hook, trace, state, first, causal=True,
+        x = self._run_blocks(x, self.text_tower.transformer.resblocks, hook, trace, state, first, causal=True,
                              rows_built_alike=embeddings_built_alike)
-        tokens = self.model.ln_final(x)
+        tokens = self.text_tower.ln_final(x)
         return TowerOutput(self.pool_text(tokens, token_ids, state), tokens, x, state.start, state.n, trace)
 
     # ----------------------------------------------------------------- blocks

@@ -105,6 +105,16 @@ class Trace:
         """Whether ``layer``'s hidden states are recorded."""
         return self.layers is None or layer in self.layers
 
+    def record(self, layer: int, hidden: Tensor, attn_out: Tensor, weights: Tensor | None) -> None:
+        """Keep what the flags ask for of one block: output, attention branch, attention probabilities."""
+        if self.keeps(layer):
+            if self.record_hidden:
+                self.hidden[layer] = hidden
+            if self.record_attn_out:
+                self.attn_out[layer] = attn_out
+        if weights is not None:
+            self.attention[layer] = weights  # (B, heads, T, T)
+
 
 @dataclass
 class Traces:

@@ -7,7 +7,9 @@ Supported, all local (nothing here downloads):
   fallback for archives the reader does not understand.
 * Plain state dicts in OpenAI naming, saved with ``torch.save`` or as safetensors.
 * open_clip checkpoints (``{"state_dict": ...}``, ``module.`` prefixes) with an open_clip
-  model name, e.g. ``ViT-B-16`` + ``open_clip_pytorch_model.bin``.
+  model name, e.g. ``ViT-B-16`` + ``open_clip_pytorch_model.bin``, EVA-CLIP's included
+  (``EVA02-B-16``: a timm ``Eva`` image tower, the text tower under ``text.*``). Building the
+  model downloads nothing: timm towers are built with random weights, then the file is loaded.
 
 OpenAI checkpoints always get QuickGELU: open_clip's ``create_model`` silently builds GELU
 for such files, which shifts every feature a little (see specs/ecosystem.md §3.3).
@@ -19,7 +21,8 @@ Without a model name the file itself must say what it is, and only some files do
 * Keys OpenAI's layout never has (``logit_bias``, ``text.*`` of a custom text tower,
   ``visual.trunk.*`` of a timm tower, ...) and open_clip training checkpoints (``epoch`` /
   ``name`` / ``optimizer`` beside ``state_dict``): open_clip files, so :class:`CheckpointError`
-  asks for ``--clip-model``.
+  asks for ``--clip-model``, unless their shapes are those of runnable open_clip configs
+  (EVA-CLIP's) that agree on the activation: then they load as that config.
 * Other plain state dicts are matched by their tensor shapes against open_clip's configs. Shapes
   of an OpenAI release (ViT-B-16, RN50, ...) load as OpenAI's weights (QuickGELU), with a warning:
   a GELU model trained with open_clip on that architecture (LAION's ViT-B-16) has exactly the same
@@ -33,6 +36,7 @@ Only architectures the block-by-block runner (``ClipBackbone``) runs exactly are
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
@@ -46,11 +50,13 @@ from typing import ClassVar
 
 import open_clip
 import torch
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, VisionTransformer
 from safetensors.torch import load_file
 
+from alignednorm.backbone.eva import tower_problems
 from alignednorm.errors import CheckpointError, state_mismatch
 
 log = logging.getLogger(__name__)
@@ -293,6 +299,12 @@ _NEUTRAL = {
 }
 # Flags that make open_clip build its custom attention blocks, which the runner does not call.
 _CUSTOM_BLOCK_FLAGS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+# timm trunks of open_clip's EVA-CLIP configs, each run by backbone/eva.py exactly like open_clip on tiny
+# random weights of its kind (tests/test_eva.py): EVA02-B/L (RoPE, SwiGLU), EVA02-E (post-norm), EVA01-g.
+EVA_TRUNKS = ("eva02_base_patch16_clip_224", "eva02_large_patch14_clip_224", "eva02_large_patch14_clip_336",
+              "eva02_enormous_patch14_clip_224", "eva_giant_patch14_224")
+# timm poolings that attend over all tokens instead of reading a class token.
+_ATTENTION_POOLS = ("map", "abs_attn", "rot_attn")
 
 
 def _block_problem(tower: str, cfg: dict) -> list[str]:
@@ -303,24 +315,36 @@ def _block_problem(tower: str, cfg: dict) -> list[str]:
     return []
 
 
+def _timm_problems(vision: dict) -> list[str]:
+    """Why a timm image tower config is not one of EVA-CLIP's (read by :mod:`alignednorm.backbone.eva`)."""
+    name, pool, proj = vision["timm_model_name"], vision.get("timm_pool", "avg"), vision.get("timm_proj", "linear")
+    problems = [] if name in EVA_TRUNKS else [f"a timm image tower ({name}) other than EVA-CLIP's Eva"]
+    if pool != "token":
+        why = " (attention pooling: SigLIP-style towers have no class token)" if pool in _ATTENTION_POOLS else ""
+        problems.append(f"image pooling {pool!r}{why} instead of the class token ('token')")
+    if proj is not None:
+        problems.append(f"the timm projection {proj!r} instead of the trunk's linear head (timm_proj null)")
+    return problems
+
+
 def config_problems(cfg: dict) -> list[str]:
     """What in an open_clip model config the block-by-block runner would run wrongly ([] when none).
 
-    Accepted: a ViT image tower pooled by its class token (or OpenAI's ModifiedResNet), and CLIP's
-    text tower on the 49,408-token BPE vocabulary with a causal mask and argmax (end-of-text)
-    pooling, built from plain ``nn.MultiheadAttention`` blocks. Refused, with the reason: CoCa,
-    custom text towers (SigLIP, EVA, ...), timm image towers, Hugging Face text towers, other
-    tokenizers or vocabularies (MetaCLIP 2 worldwide, CLIPA), other pooling, no causal mask,
-    custom attention blocks, and settings this check does not know.
+    Accepted: a ViT image tower pooled by its class token (or OpenAI's ModifiedResNet, or
+    EVA-CLIP's timm ``Eva``, see :data:`EVA_TRUNKS`), and CLIP's text tower, on the model or under
+    ``model.text`` (``custom_text``), on the 49,408-token BPE vocabulary with a causal mask and
+    argmax (end-of-text) pooling, built from plain ``nn.MultiheadAttention`` blocks. Refused, with
+    the reason: CoCa, other timm image towers (SigLIP's: no class token, attention pooling),
+    Hugging Face text towers, other tokenizers or vocabularies (MetaCLIP 2 worldwide, CLIPA, SigLIP),
+    other pooling (SigLIP's last token), no causal mask, custom attention blocks, and settings this
+    check does not know.
     """
     problems = []
     if cfg.get("multimodal_cfg") is not None:
         problems.append("a CoCa captioning model (multimodal_cfg)")
-    if cfg.get("custom_text"):
-        problems.append("a custom text tower (custom_text: the text modules live under model.text)")
     vision, text = cfg.get("vision_cfg") or {}, cfg.get("text_cfg") or {}
     if vision.get("timm_model_name"):
-        problems.append(f"a timm image tower ({vision['timm_model_name']})")
+        problems += _timm_problems(vision)
     elif not isinstance(vision.get("layers"), (list, tuple)):  # a list of layers is OpenAI's ModifiedResNet
         if vision.get("attentional_pool"):
             problems.append("attentional pooling in the image tower instead of the class token")
@@ -365,29 +389,37 @@ def model_problems(model: torch.nn.Module) -> list[str]:
 
     The same rules as :func:`config_problems`, read from the modules themselves.
     """
-    if type(model) is not CLIP:
-        return [f"a {type(model).__name__} instead of open_clip's CLIP with the text tower on the model itself"]
+    if type(model) not in (CLIP, CustomTextCLIP):
+        return [f"a {type(model).__name__} instead of open_clip's CLIP or CustomTextCLIP"]
+    text = model.text if type(model) is CustomTextCLIP else model
+    if type(text) not in (CLIP, TextTransformer):
+        return [f"a {type(text).__name__} text tower instead of CLIP's (open_clip's TextTransformer)"]
     problems = []
     visual = model.visual
-    blocks = list(model.transformer.resblocks)
+    blocks = list(text.transformer.resblocks)
     if isinstance(visual, VisionTransformer):
         if visual.attn_pool is not None or visual.pool_type != "tok":
             problems.append(f"image pooling {visual.pool_type!r}"
                             f"{' with an attentional pooler' if visual.attn_pool is not None else ''} "
                             "instead of the class token ('tok')")
         blocks += list(visual.transformer.resblocks)
+    elif isinstance(visual, TimmModel):
+        problems += tower_problems(visual)
     elif not isinstance(visual, ModifiedResNet):
-        problems.append(f"a {type(visual).__name__} image tower instead of a ViT or OpenAI's ResNet")
+        problems.append(f"a {type(visual).__name__} image tower instead of a ViT, EVA's or OpenAI's ResNet")
     if any(type(b) is not ResidualAttentionBlock or not isinstance(b.attn, torch.nn.MultiheadAttention)
            for b in blocks):
         problems.append("custom attention blocks instead of nn.MultiheadAttention blocks")
-    if model.text_pool_type != "argmax":
-        problems.append(f"text pooling {model.text_pool_type!r} instead of the end-of-text token ('argmax')")
-    if model.attn_mask is None:
+    pool_type = model.text_pool_type if text is model else text.pool_type
+    if pool_type != "argmax":
+        problems.append(f"text pooling {pool_type!r} instead of the end-of-text token ('argmax')")
+    if text.attn_mask is None:
         problems.append("a text tower without causal mask")
-    if model.vocab_size != BPE_VOCAB_SIZE:
-        problems.append(f"a vocabulary of {model.vocab_size:,} tokens instead of CLIP's {BPE_VOCAB_SIZE:,} BPE")
-    if model.text_projection is None:
+    if text.vocab_size != BPE_VOCAB_SIZE:
+        problems.append(f"a vocabulary of {text.vocab_size:,} tokens instead of CLIP's {BPE_VOCAB_SIZE:,} BPE")
+    if getattr(text, "cls_emb", None) is not None:
+        problems.append("a text class token (embed_cls)")
+    if text.text_projection is None:
         problems.append("no text projection")
     return problems
 
@@ -395,10 +427,20 @@ def model_problems(model: torch.nn.Module) -> list[str]:
 def _refuse(what: str, problems: list[str]) -> CheckpointError:
     return CheckpointError(
         f"{what} cannot be run block by block: it has {'; '.join(problems)}. Supported: ViT image towers pooled by "
-        "their class token (or OpenAI's ResNets) with CLIP's BPE text tower (causal, end-of-text pooling)")
+        "their class token (EVA-CLIP's timm Eva included; or OpenAI's ResNets) with CLIP's BPE text tower (causal, "
+        "end-of-text pooling)")
 
 
-def _build_config(name: str) -> CLIP:
+def _instantiate(cfg: dict) -> CLIP | CustomTextCLIP:
+    """The model open_clip's factory builds for ``cfg`` (a ``CustomTextCLIP`` when ``custom_text``), random
+    weights; a timm image tower is built without its pretrained weights (nothing is downloaded)."""
+    cfg = copy.deepcopy(cfg)
+    if (cfg.get("vision_cfg") or {}).get("timm_model_name"):
+        cfg["vision_cfg"]["timm_model_pretrained"] = False
+    return (CustomTextCLIP if cfg.pop("custom_text", False) else CLIP)(**cfg)
+
+
+def _build_config(name: str) -> CLIP | CustomTextCLIP:
     """A float32 ``CLIP`` of open_clip config ``name``, random weights, refused when not runnable.
 
     Built from the config directly, not with ``open_clip.create_model``: that logs "No pretrained
@@ -410,7 +452,7 @@ def _build_config(name: str) -> CLIP:
     problems = config_problems(cfg)
     if problems:
         raise _refuse(f"open_clip model {name!r}", problems)
-    model = CLIP(**cfg)
+    model = _instantiate(cfg)
     problems = model_problems(model)
     if problems:
         raise _refuse(f"open_clip model {name!r}", problems)
@@ -428,18 +470,20 @@ def matching_configs(state_dict: dict[str, torch.Tensor]) -> list[str]:
     the embedding and text widths.
     """
     shapes = _shapes(state_dict)
-    if "text_projection" not in shapes or "ln_final.weight" not in shapes:
+    # The text tower's keys: on the model (OpenAI's layout) or under text.* (custom_text, EVA-CLIP).
+    root = next((r for r in ("", "text.") if f"{r}text_projection" in shapes and f"{r}ln_final.weight" in shapes), None)
+    if root is None:
         return []
-    embed_dim, text_width = shapes["text_projection"][-1], shapes["ln_final.weight"][0]
+    embed_dim, text_width = shapes[f"{root}text_projection"][-1], shapes[f"{root}ln_final.weight"][0]
     found = []
     for name in open_clip.list_models():
         cfg = open_clip.get_model_config(name)
         if (cfg.get("embed_dim"), (cfg.get("text_cfg") or {}).get("width", 512)) != (embed_dim, text_width):
             continue
-        if config_problems(cfg):
+        if bool(cfg.get("custom_text")) != (root == "text.") or config_problems(cfg):
             continue
         with torch.device("meta"):
-            candidate = CLIP(**cfg)
+            candidate = _instantiate(cfg)
         if _shapes(candidate.state_dict()) == shapes:
             found.append(name)
     return found
@@ -462,17 +506,17 @@ def _foreign_keys(sd: dict[str, torch.Tensor]) -> str | None:
     return None if key is None else f"keys outside OpenAI's layout, e.g. {key!r}"
 
 
-def _load_without_name(ckpt: _Checkpoint, source: str) -> CLIP:
+def _load_without_name(ckpt: _Checkpoint, source: str) -> CLIP | CustomTextCLIP:
     """Decide what a file is from its contents alone (see the module docstring), and load it."""
     sd = ckpt.tensors
     ask = "pass --clip-model (model_name=) with its open_clip model name"
     if ckpt.torchscript or any(k in sd for k in _NON_WEIGHT_KEYS):
         log.info("%s: OpenAI archive; loaded with QuickGELU", source)
         return build_openai_clip(sd, source)
-    foreign = _foreign_keys(sd)
-    if foreign:
-        raise CheckpointError(f"{source}: an open_clip checkpoint ({foreign}), not OpenAI's format; {ask}")
     candidates = matching_configs(sd)
+    foreign = _foreign_keys(sd)
+    if foreign and not candidates:
+        raise CheckpointError(f"{source}: an open_clip checkpoint ({foreign}), not OpenAI's format; {ask}")
     fits = f" (its weights fit {', '.join(candidates)})" if candidates else ""
     if ckpt.training:
         raise CheckpointError(f"{source}: an open_clip training checkpoint ({', '.join(ckpt.training)} beside "
@@ -495,7 +539,7 @@ def _load_without_name(ckpt: _Checkpoint, source: str) -> CLIP:
     return build_openai_clip(sd, source)
 
 
-def load_clip(path: str | Path, model_name: str | None = None) -> CLIP:
+def load_clip(path: str | Path, model_name: str | None = None) -> CLIP | CustomTextCLIP:
     """Load a CLIP model from a local file.
 
     Args:
@@ -506,7 +550,7 @@ def load_clip(path: str | Path, model_name: str | None = None) -> CLIP:
             file can and cannot tell).
 
     Returns:
-        An open_clip ``CLIP`` in eval mode, float32, on the CPU.
+        An open_clip ``CLIP`` (``CustomTextCLIP`` for EVA-CLIP) in eval mode, float32, on the CPU.
 
     Raises:
         CheckpointError: naming the file, for unreadable files, missing or mismatched weights,

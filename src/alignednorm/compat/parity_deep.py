@@ -78,7 +78,7 @@ def _text_records(method, trace: Trace, n_ctx: int) -> dict:
 def _vision_records(method, images, first: torch.Tensor, trace: Trace) -> dict:
     prompts = expand_tokens(first, images.shape[0], method.config.official_fp16_rounding)
     out = {"vision.ln_pre_out": torch.cat([method.backbone.embed_image(images),
-                                           method.backbone.model.visual.ln_pre(prompts)], dim=1)}
+                                           method.backbone.image_pre_norm(prompts)], dim=1)}
     out.update({f"vision.block_out.{layer:02d}": h for layer, h in trace.hidden.items()})
     return out
 
@@ -149,7 +149,7 @@ def _gpa_records(method, names: dict[str, str], tag: str, step: int, epochs: int
     rec = {f"gpa.{tag}.{names[n]}": values[n].clone() for n in names}
     if step == 0:  # the official GPA weights frozen tensors too; its sum of weights leaves them unchanged
         weight = float(method.averager.weights(epochs)[0])
-        rec[f"gpa.{tag}.image_encoder.proj"] = method.backbone.model.visual.proj.detach() * weight
+        rec[f"gpa.{tag}.image_encoder.proj"] = method.backbone.image_projection.detach() * weight
     return rec
 
 

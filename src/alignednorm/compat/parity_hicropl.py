@@ -77,7 +77,7 @@ def _sequence_first_text(backbone, ids: torch.Tensor) -> torch.Tensor:
     wherever a value sits at a rounding boundary. So the parity feeds the forward fixed embeddings
     encoded in the official layout; ``frozen.*text_features`` still compare our own ones.
     """
-    model = backbone.model
+    model = backbone.text_tower
     x = (model.token_embedding(ids) + model.positional_embedding).permute(1, 0, 2)  # (N, T, W) -> (T, N, W)
     mask = torch.full((x.shape[0], x.shape[0]), float("-inf")).triu(1)
     for block in model.transformer.resblocks:

@@ -63,7 +63,7 @@ def template_mean_text_features(backbone, classnames: list[str] | tuple[str, ...
         ``(mean (C, E), per_template (K, C, E))``, neither normalised; class names have ``_`` read
         as spaces.
     """
-    device = backbone.model.token_embedding.weight.device
+    device = backbone.token_embedding.weight.device
     names = [c.replace("_", " ") for c in classnames]
     per_template = []
     for template in templates:

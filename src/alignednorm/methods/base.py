@@ -176,7 +176,7 @@ class Method(nn.Module, abc.ABC):
     @property
     def logit_scale(self) -> float:
         """The temperature CLIP was trained with, ``exp(logit_scale)``; methods may fix their own."""
-        return float(self.backbone.model.logit_scale.exp())
+        return float(self.backbone.logit_scale.exp())
 
     # ------------------------------------------------------------------ interface
     def check_classnames(self, classnames: list[str], rule: str) -> None:

@@ -88,7 +88,7 @@ class CoOp(Method):
         ``built_alike``: rows equal at their start come from one context (default: unless class-specific),
         so the backbone may run that start once; pass False when rows are separate variables.
         """
-        x = embeddings + self.backbone.model.positional_embedding.to(embeddings.dtype)
+        x = embeddings + self.backbone.text_positional_embedding.to(embeddings.dtype)
         alike = not self.class_specific if built_alike is None else built_alike
         return self.backbone.encode_text(token_ids, embeddings=x, trace=trace, embeddings_built_alike=alike).features
 

@@ -233,7 +233,7 @@ class HiCroPL(DeepPromptMethod):
         w = text / text.norm(dim=-1, keepdim=True)
         w = w + (round_fp16(fixed) if self.config.official_fp16_rounding else fixed)
         w = w / w.norm(dim=-1, keepdim=True)
-        logits = self.backbone.model.logit_scale.exp() * f @ w.t()
+        logits = self.backbone.logit_scale.exp() * f @ w.t()
         return Outputs(logits=logits, features=f, branches={
             "image_features_prompted": image, "text_features_prompted": text, "image_features": f,
             "text_features": w, "frozen_image_features": frozen_image, "frozen_text_features": fixed})
@@ -272,7 +272,7 @@ class HiCroPL(DeepPromptMethod):
 
 def description_embeddings(backbone: ClipBackbone, space: LabelSpace) -> Tensor:
     """``(C, E)``: per class, frozen CLIP features of its descriptions, each normalised, averaged, normalised."""
-    device = backbone.model.token_embedding.weight.device
+    device = backbone.token_embedding.weight.device
     rows = []
     for name in space.classnames:
         sentences = list(space.descriptions[name])

@@ -56,7 +56,7 @@ class LinearProbe(Method):
 
     def __init__(self, backbone, config=None):
         super().__init__(backbone, config)
-        device = backbone.model.logit_scale.device
+        device = backbone.logit_scale.device
         self.weight = nn.Parameter(torch.zeros(0, backbone.embed_dim, device=device))  # (C, E), sized per classes
         self.bias = nn.Parameter(torch.zeros(0, device=device))
 

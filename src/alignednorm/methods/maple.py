@@ -61,10 +61,10 @@ class DeepPromptMethod(Method):
     def on_label_space(self, space: LabelSpace) -> None:
         names = [c.replace("_", " ") for c in space.classnames]
         ids = self.backbone.tokenize([f"{self.prompt_prefix} {name}." for name in names])
-        device = self.backbone.model.token_embedding.weight.device
+        device = self.backbone.token_embedding.weight.device
         self.register_buffer("token_ids", ids.to(device), persistent=False)
         with torch.no_grad():  # official token_prefix / token_suffix: frozen word embeddings
-            self.register_buffer("token_embeds", self.backbone.model.token_embedding(self.token_ids), persistent=False)
+            self.register_buffer("token_embeds", self.backbone.token_embedding(self.token_ids), persistent=False)
 
     def text_prompts_input(self, ctx: Tensor) -> Tensor:
         """``(C, T, W_t)`` word embeddings with the context at positions ``1..n`` (official ``prompts``)."""
@@ -72,7 +72,7 @@ class DeepPromptMethod(Method):
 
     def encode_prompted_text(self, ctx: Tensor, deep: dict[int, Tensor], trace: Trace | None) -> Tensor:
         """Prompted class embeddings ``(C, E)``, not normalised."""
-        x = self.text_prompts_input(ctx) + self.backbone.model.positional_embedding
+        x = self.text_prompts_input(ctx) + self.backbone.text_positional_embedding
         rounding = self.config.official_fp16_rounding
         copies = {b: expand_tokens(t, x.shape[0], rounding) for b, t in deep.items()}
         out = self.backbone.encode_text(self.token_ids, hook=text_context_hook(copies), trace=trace, embeddings=x,
@@ -83,7 +83,7 @@ class DeepPromptMethod(Method):
                               trace: Trace | None) -> Tensor:
         """Image features ``(B, E)``, not normalised, with vision prompts appended after the patches."""
         rounding, batch = self.config.official_fp16_rounding, images.shape[0]
-        first = self.backbone.model.visual.ln_pre(expand_tokens(first, batch, rounding))
+        first = self.backbone.image_pre_norm(expand_tokens(first, batch, rounding))
         copies = {b: expand_tokens(t, batch, rounding) for b, t in deep.items()}
         x = self.backbone.embed_image(images)
         return self.backbone.encode_image(hook=appended_vision_hook(first, copies), trace=trace,
@@ -92,7 +92,7 @@ class DeepPromptMethod(Method):
     def cosine_outputs(self, image: Tensor, text: Tensor) -> Outputs:
         # x / ‖x‖ and a tensor scale, as the official forward (F.normalize differs in the last bit).
         f, w = image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
-        logits = self.backbone.model.logit_scale.exp() * f @ w.t()
+        logits = self.backbone.logit_scale.exp() * f @ w.t()
         return Outputs(logits=logits, features=f, branches={
             "image_features_unnorm": image, "text_features_unnorm": text, "image_features": f, "text_features": w})
 

@@ -42,5 +42,5 @@ class MMRL(MMRLpp):
         width, embed = self.backbone.vision_width, self.backbone.embed_dim
         self.proj_rep = nn.Parameter(torch.randn(width, embed) * width**-0.5)
 
-    def rep_projection(self) -> Tensor:
-        return self.proj_rep
+    def project_rep(self, pooled: Tensor) -> Tensor:
+        return pooled @ self.proj_rep

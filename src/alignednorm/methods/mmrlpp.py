@@ -3,7 +3,8 @@
 Exactly as the official code computes it (specs/mmrlpp.md §1–3): shared tokens R, one
 shared-residual aligner per tower, insertion after the first token at layer J and progressive
 mixing (weight ``prc_beta``) at later layers, a class branch through CLIP's frozen projection
-and a representation branch (``ln_post`` per token → mean → ``proj + A B``).
+and a representation branch (``ln_post`` per token → mean → ``proj + A B``; on EVA-CLIP ``ln_post`` is
+the trunk's final norm and ``proj`` its linear head, bias included).
 
 Names: ``class_branch_weight`` is the code's ``ALPHA`` (weight of the class-token logits; the
 AlignedNorm paper's α is ``1 − class_branch_weight``); ``prc_beta`` is the code's ``BETA``.
@@ -118,8 +119,9 @@ class MMRLpp(Method):
         nn.init.kaiming_uniform_(self.proj_A, a=math.sqrt(5))
         self.proj_B = nn.Parameter(torch.zeros(q, self.backbone.embed_dim))
 
-    def rep_projection(self) -> Tensor:
-        return self.backbone.model.visual.proj + self.proj_A @ self.proj_B  # (W, E)
+    def project_rep(self, pooled: Tensor) -> Tensor:
+        """``z_p``: pooled representation tokens ``(B, W)`` through ``proj + A B`` (EVA's head also adds its bias)."""
+        return self.backbone.project_image(pooled, self.proj_A @ self.proj_B)
 
     @property
     def logit_scale(self) -> float:
@@ -165,7 +167,7 @@ class MMRLpp(Method):
         rep_ln_mean = out.tokens[:, start : start + n].mean(dim=1)  # ln_post per token, then mean
         return {
             "z_c": out.features,
-            "z_p": rep_ln_mean @ self.rep_projection(),
+            "z_p": self.project_rep(rep_ln_mean),
             "cls_ln_post": out.tokens[:, 0],
             "rep_ln_post_mean": rep_ln_mean,
             "image_prefix": prefix.states,

@@ -146,9 +146,9 @@ def context_init(backbone, ctx_init: str, n_ctx: int, width: int) -> tuple[Tenso
     if n_words < n_ctx:
         raise ConfigError(f"ctx_init = {ctx_init!r} has {n_words} tokens, fewer than n_ctx = {n_ctx}; "
                           "use a longer phrase or ctx_init='' (random init)")
-    weight = backbone.model.token_embedding.weight
+    weight = backbone.token_embedding.weight
     with torch.no_grad():
-        vectors = backbone.model.token_embedding(ids.to(weight.device))[0, 1 : 1 + n_ctx].float().cpu().clone()
+        vectors = backbone.token_embedding(ids.to(weight.device))[0, 1 : 1 + n_ctx].float().cpu().clone()
     return vectors, phrase
 
 

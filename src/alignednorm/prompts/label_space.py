@@ -116,7 +116,7 @@ def frozen_class_embeddings(backbone, space: LabelSpace, chunk: int = 256) -> Te
     normalised again (CLIP's prompt ensemble). Prompts are encoded ``chunk`` at a time, so 1,000
     classes × 80 templates fit in memory.
     """
-    device = backbone.model.token_embedding.weight.device
+    device = backbone.token_embedding.weight.device
     per_template = []
     for k in range(len(space.templates)):
         prompts = space.prompts(k)

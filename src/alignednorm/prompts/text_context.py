@@ -42,9 +42,9 @@ def init_from_words(backbone, phrase: str) -> tuple[Tensor, str]:
     n = int(ids[0].argmax()) - 1  # tokens between SOS and EOS
     if n < 1:
         raise ConfigError(f"ctx_init = {phrase!r} has no tokens; give words or ctx_init='' (random init)")
-    weight = backbone.model.token_embedding.weight
+    weight = backbone.token_embedding.weight
     with torch.no_grad():
-        vectors = backbone.model.token_embedding(ids.to(weight.device))[0, 1 : 1 + n]
+        vectors = backbone.token_embedding(ids.to(weight.device))[0, 1 : 1 + n]
     return vectors.float().cpu().clone(), phrase
 
 
@@ -105,7 +105,7 @@ class TextContext(nn.Module):
         self.n_ctx, self.width = vectors.shape
         self.class_specific, self.position, self.std = class_specific, position, std
         self.word_init = bool(ctx_init)
-        device = backbone.model.token_embedding.weight.device
+        device = backbone.token_embedding.weight.device
         self.register_buffer("init_vectors", vectors.to(device), persistent=False)
         shape = (0, self.n_ctx, self.width) if class_specific else (self.n_ctx, self.width)
         self.ctx = nn.Parameter(vectors.to(device).clone() if not class_specific else vectors.new_empty(shape).to(device))
@@ -137,10 +137,10 @@ class TextContext(nn.Module):
         self.resize_classes(len(names))
         ids = backbone.tokenize([f"{self.prompt_prefix} {name}." for name in names])
         name_lens = [len(backbone.tokenizer.encode(name)) for name in names]
-        weight = backbone.model.token_embedding.weight
+        weight = backbone.token_embedding.weight
         ids = ids.to(weight.device)
         with torch.no_grad():
-            embedding = backbone.model.token_embedding(ids)  # (C, T, W)
+            embedding = backbone.token_embedding(ids)  # (C, T, W)
         self.register_buffer("token_ids", ids, persistent=False)
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)
         self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx :], persistent=False)
