@@ -132,3 +132,50 @@ def test_attention_through_sdpa_equals_the_recorded_weights_path(backbone, tower
         assert torch.allclose(sdpa.hidden[layer], manual.hidden[layer], atol=1e-5)
         weights = manual.attention[layer]
         assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix_layer", [None, 2])
+def test_chunked_text_tower_gives_the_same_features_and_gradients(backbone, prefix_layer):
+    from alignednorm.backbone.chunks import encode_text_in_chunks
+
+    tokens = backbone.tokenize([f"a photo of a {c}." for c in CLASSES])
+    results = []
+    for chunk in (None, 2):
+        hook = InsertThenBlend(per_row_at_last=True)
+        prefix = None if prefix_layer is None else Prefix(prefix_layer, backbone.text_prefix(tokens, prefix_layer).states)
+        if chunk is None:
+            features = backbone.encode_text(tokens, hook=hook, prefix=prefix).features
+        else:
+            features = encode_text_in_chunks(backbone, chunk, tokens, hook=hook, prefix=prefix)
+        features.square().sum().backward()
+        results.append((features.detach(), [p.grad for p in hook.prompts]))
+    (full, full_grads), (chunked, chunked_grads) = results
+    assert torch.allclose(full, chunked, atol=1e-6)
+    for a, b in zip(full_grads, chunked_grads):
+        assert (a - b).abs().max() <= 2e-5 * a.abs().max()
+
+
+def test_text_chunk_setting_trains_to_the_same_numbers(backbone):
+    """``train.text_chunk`` reaches the backbone: a chunked MMRL++ epoch equals the one-pass epoch.
+
+    SGD, not Adam: Adam turns float-rounding noise in near-zero gradients into full-size steps.
+    """
+    from alignednorm.engine.trainer import TrainConfig, Trainer
+
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4)),
+                                          torch.tensor([0, 1, 2, 4]))
+    states = []
+    try:
+        for chunk in (0, 2):
+            torch.manual_seed(0)
+            method = create_method("mmrlpp", backbone)
+            method.set_classnames(CLASSES)
+            trainer = Trainer(method, TrainConfig(epochs=1, batch_size=2, warmup_epochs=0, lr=1e-2, optimizer="sgd", text_chunk=chunk),
+                              progress=False)
+            trainer._loader = lambda ds, epoch: torch.utils.data.DataLoader(ds, batch_size=2)
+            trainer.fit(data)
+            assert backbone.text_chunk == (chunk or None)
+            states.append(method.learnable_state_dict())
+    finally:
+        backbone.text_chunk = None
+    assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])

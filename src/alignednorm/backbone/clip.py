@@ -21,6 +21,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
 from alignednorm.backbone import eva
+from alignednorm.backbone.chunks import encode_text_in_chunks
 from alignednorm.backbone.hooks import Prefix, PromptHook, PromptState, Trace, splice
 from alignednorm.backbone.loading import load_clip
 from alignednorm.backbone.shared_text import run_shared, shareable
@@ -78,6 +79,8 @@ class ClipBackbone(nn.Module):
         # Speed switches that change no feature; off only to measure what they save (``alignednorm bench``).
         self.cut_text_padding = True  # drop the padding after the last EOT (see text_length)
         self.share_text_prefix = True  # compute prompts' common beginning once (see backbone.shared_text)
+        # At most this many prompts through the text tower at once (None: all); see backbone.chunks.
+        self.text_chunk: int | None = None
         self.tokenizer = SimpleTokenizer(context_length=self.context_length)
 
     @classmethod
@@ -314,7 +317,14 @@ class ClipBackbone(nn.Module):
             embeddings_built_alike: rows of ``embeddings`` equal at their leading positions were built
                 alike (one context for every class, not one per class), so those positions may run once
                 for all rows (:mod:`~alignednorm.backbone.shared_text`); never for class-specific contexts.
+
+        With ``text_chunk`` set and more rows than it, the rows run in chunks under activation
+        checkpointing and only ``features`` is returned (``tokens``/``hidden`` are ``None``).
         """
+        if self.text_chunk and token_ids.shape[0] > self.text_chunk and trace is None:
+            features = encode_text_in_chunks(self, self.text_chunk, token_ids, hook, embeddings, prefix,
+                                             full_length=full_length, embeddings_built_alike=embeddings_built_alike)
+            return TowerOutput(features, None, None)
         x, state, first = self._start(prefix, token_ids, self.embed_text if embeddings is None else lambda _: embeddings)
         if not self._keeps_padding(full_length):  # prompts inserted before the EOTs lengthen the kept part
             x = x[:, : self.text_length(token_ids) + (state.n if prefix is not None else 0)]

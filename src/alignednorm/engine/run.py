@@ -100,8 +100,10 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 EXPORT_CONFIG = "alignednorm_config.json"
 # What a run costs (time, memory): kept apart from its results, which are deterministic.
 COST_KEYS = ("seconds_per_iter", "peak_memory_mb", "seconds_per_batch", "batch_size")
-# Settings that change how a run is carried out or logged, never its numbers.
-NON_RESULT_KEYS = {"train": ("num_workers", "log_every", "tensorboard", "wandb_project"), "data": ("eval_batch_size",)}
+# Settings that change how a run is carried out or logged, never its numbers (beyond float rounding):
+# a run resumed with a compiled forward or a chunked text tower after running out of memory is the same run.
+NON_RESULT_KEYS = {"train": ("num_workers", "log_every", "tensorboard", "wandb_project", "compile", "text_chunk"),
+                   "data": ("eval_batch_size",)}
 
 
 def run_identity(spec: RunSpec) -> dict:

@@ -70,6 +70,9 @@ class TrainConfig:
         compile: a ``torch.compile`` backend (``inductor``, ``aot_eager``, ...) for the method's
             forward, or empty (off, the default). Optional speed on GPUs, never needed; numbers stay
             those of the eager path up to float rounding. The first steps pay the compile time.
+        text_chunk: encode at most this many class prompts at once, each chunk under activation
+            checkpointing (0: all at once). For label spaces that do not fit in memory (1,000
+            classes); features and gradients stay those of one pass, the step gets slower.
     """
 
     epochs: int = 5
@@ -94,6 +97,7 @@ class TrainConfig:
     tensorboard: bool = True
     wandb_project: str = ""
     compile: str = ""
+    text_chunk: int = 0
 
     def __post_init__(self):
         for f in fields(self):
@@ -117,7 +121,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected an integer >= 1")
-        for name in ("lr", "weight_decay", "warmup_lr", "warmup_epochs", "num_workers"):
+        for name in ("lr", "weight_decay", "warmup_lr", "warmup_epochs", "num_workers", "text_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected a value >= 0")
 
@@ -179,6 +183,7 @@ class Trainer:
         self.precision = resolve_precision(config.precision, self.device)
         if config.compile:  # in place: the state-dict keys stay those of the eager module
             method.compile(backend=config.compile)
+        method.backbone.text_chunk = config.text_chunk or None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if config.batch_size % distributed.world_size():
             raise ConfigError(f"train.batch_size = {config.batch_size} must be divisible by the "
