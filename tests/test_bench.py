@@ -27,3 +27,10 @@ def test_bench_command_json():
     data = json.loads(out.output)
     assert data["method"] == "alignednorm" and len(data["timings"]) == 3
     assert all(t["train_s"] > 0 and t["eval_first_s"] > 0 for t in data["timings"])
+
+
+def test_bench_settings_selection():
+    result = run_bench("zeroshot", "tiny", classes=(2,), batch=2, iters=1, backbone=random_clip("tiny"), settings="on")
+    assert [t.settings for t in result.timings] == [{"cut_text_padding": True, "share_text_prefix": True}]
+    out = CliRunner().invoke(app, ["bench", "--geometry", "tiny", "--settings", "most"])
+    assert out.exit_code != 0

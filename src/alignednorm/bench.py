@@ -132,13 +132,21 @@ def time_configuration(method, images, labels, classnames, iters: int, clock=tim
     return (_median(train) if train else float("nan")), _median(first), _median(steady), logits
 
 
-def optimisation_settings() -> list[dict[str, bool]]:
-    """Every optimisation off, then each one switched on in turn, keeping the earlier ones on."""
-    return [{name: i < on for i, name in enumerate(OPTIMISATIONS)} for on in range(len(OPTIMISATIONS) + 1)]
+SELECTIONS = ("each", "off", "on")
+
+
+def optimisation_settings(selection: str = "each") -> list[dict[str, bool]]:
+    """``each``: every optimisation off, then each switched on in turn, keeping the earlier ones on;
+    ``off`` / ``on``: only the first / last of those (peak memory is per process: time one per process)."""
+    if selection not in SELECTIONS:
+        raise ConfigError(f"--settings {selection!r}; expected one of {', '.join(SELECTIONS)}")
+    every = [{name: i < on for i, name in enumerate(OPTIMISATIONS)} for on in range(len(OPTIMISATIONS) + 1)]
+    return {"each": every, "off": every[:1], "on": every[-1:]}[selection]
 
 
 def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch: int = 8, iters: int = 2,
-              device: str = "cpu", backbone: ClipBackbone | None = None, clock: str = "wall") -> BenchResult:
+              device: str = "cpu", backbone: ClipBackbone | None = None, clock: str = "wall",
+              settings: str = "each") -> BenchResult:
     """Time ``method_name`` under :func:`optimisation_settings` per class count (one process, in turn)."""
     dev = torch.device(device)
     timer = make_clock(dev, clock)
@@ -151,8 +159,8 @@ def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch:
         labels = (torch.arange(batch) % n_classes).to(dev)
         classnames = [f"class {i}" for i in range(n_classes)]
         reference = None
-        for settings in optimisation_settings():
-            for name, enabled in settings.items():
+        for chosen in optimisation_settings(settings):
+            for name, enabled in chosen.items():
                 setattr(backbone, name, enabled)
             torch.manual_seed(0)
             method = create_method(method_name, backbone).to(dev)
@@ -162,7 +170,7 @@ def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch:
             diff = 0.0 if reference is None else float((logits - reference).abs().max())
             reference = logits if reference is None else reference
             result.timings.append(Timing(
-                n_classes, dict(settings), train_s, first_s, steady_s,
+                n_classes, dict(chosen), train_s, first_s, steady_s,
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None, diff))
     for name in OPTIMISATIONS:
@@ -172,23 +180,29 @@ def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch:
 
 def _setting_label(settings: dict[str, bool]) -> str:
     on = [name for name, enabled in settings.items() if enabled]
-    return "+" + on[-1] if on else "none"
+    if not on:
+        return "none"
+    return "+" + on[-1]
 
 
 def format_result(result: BenchResult) -> str:
-    """A plain-text table: s/iter per configuration and the speed-up over "none", per class count."""
-    title = (f"{result.method} on {result.geometry} ({result.device}, batch {result.batch}): {result.clock} seconds per iteration; "
-             "each row adds one optimisation to the row above")
-    header = (f"{'classes':>7}  {'optimisation':<20} {'train':>9} {'eval 1st':>9} {'eval':>9} {'max |dlogit|':>12}"
-              f"  {'speed-up train / eval 1st / eval':>32}")
+    """A plain-text table: s/iter and peak memory per configuration, the speed-up over "none" per class count."""
+    title = (f"{result.method} on {result.geometry} ({result.device}, batch {result.batch}): {result.clock} seconds "
+             "per iteration; each row adds one optimisation to the row above; peak memory so far in this process")
+    header = (f"{'classes':>7}  {'optimisation':<20} {'train':>9} {'eval 1st':>9} {'eval':>9} {'peak MB':>8}"
+              f" {'max |dlogit|':>12}  {'speed-up train / eval 1st / eval':>32}")
     lines = [title, header]
     baseline: dict[int, Timing] = {}
     for t in result.timings:
-        base = baseline.setdefault(t.classes, t)
-        ratios = " / ".join(f"{a / b:.2f}x" for a, b in ((base.train_s, t.train_s), (base.eval_first_s, t.eval_first_s),
-                                                       (base.eval_steady_s, t.eval_steady_s)))
+        if not any(t.settings.values()):
+            baseline[t.classes] = t
+        base = baseline.get(t.classes)
+        ratios = "-" if base is None else " / ".join(
+            f"{a / b:.2f}x" for a, b in ((base.train_s, t.train_s), (base.eval_first_s, t.eval_first_s),
+                                         (base.eval_steady_s, t.eval_steady_s)))
+        peak = t.cuda_peak_mb if t.cuda_peak_mb is not None else t.max_rss_mb
         lines.append(f"{t.classes:>7}  {_setting_label(t.settings):<20} {t.train_s:>9.3f} {t.eval_first_s:>9.3f}"
-                     f" {t.eval_steady_s:>9.3f} {t.logits_max_diff:>12.2e}  {ratios:>32}")
+                     f" {t.eval_steady_s:>9.3f} {peak:>8.0f} {t.logits_max_diff:>12.2e}  {ratios:>32}")
     lines.append("learnable parameters at this geometry (default configs): " +
                  ", ".join(f"{k} {v / 1e6:.3f} M" if v >= 0 else f"{k} n/a" for k, v in result.params.items()))
     return "\n".join(lines)

@@ -350,6 +350,8 @@ def bench_cmd(
     iters: Annotated[int, typer.Option(help="iterations per configuration (the median is shown)")] = 2,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     clock: Annotated[str, typer.Option(help="wall, or cpu: process CPU seconds (for a busy machine)")] = "wall",
+    settings: Annotated[str, typer.Option(help="each (off, then one more optimisation per row), off or on; "
+                                              "peak memory is per process, so time off and on apart for it")] = "each",
     as_json: Annotated[bool, typer.Option("--json", help="print the numbers as JSON")] = False,
 ) -> None:
     """Seconds per training step and evaluation batch with each optimisation off and on, and the
@@ -367,7 +369,7 @@ def bench_cmd(
     if not counts or min(counts) < 1 or iters < 1 or batch < 1:
         raise AlignedNormError("--classes, --iters and --batch need positive values")
     backbone = ClipBackbone.from_file(resolve_clip_path(clip)) if clip else None
-    result = run_bench(method, geometry, counts, batch, iters, device, backbone, clock)
+    result = run_bench(method, geometry, counts, batch, iters, device, backbone, clock, settings)
     typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_result(result))
 
 
