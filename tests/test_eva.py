@@ -262,6 +262,8 @@ def test_eva_towers_the_runner_would_run_wrongly_are_refused(monkeypatch):
     with pytest.raises(CheckpointError, match=rf"open_clip model '{avg}' cannot be run block by block: it has "
                                               r"image pooling 'avg' instead of the class token \('token'\)\. "):
         loading._build_config(avg)
+    with pytest.raises(TypeError, match=r"would run this Eva image tower wrongly: it has image pooling 'avg'"):
+        ClipBackbone(open_clip.create_model(avg))  # built in memory, not by the loader
     # Built towers are read too: register tokens and rotary embeddings of other kinds (timm's ROPE-ViTs)
     registers = open_clip.timm_model.TimmModel("test_tiny_eva02_base_patch16_clip_224", 32, pool="token", proj=None)
     registers.trunk.reg_token = torch.nn.Parameter(torch.zeros(1, 1, 64))

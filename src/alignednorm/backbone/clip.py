@@ -73,6 +73,9 @@ class ClipBackbone(nn.Module):
                 hasattr(visual, "transformer") or hasattr(visual, "attnpool") or eva.is_eva_tower(visual)):
             raise TypeError("ClipBackbone needs an open_clip CLIP or CustomTextCLIP with a ViT, EVA or ResNet image "
                             "tower and CLIP's text tower")
+        eva_problems = eva.tower_problems(visual) if eva.is_eva_tower(visual) else []
+        if eva_problems:
+            raise TypeError(f"ClipBackbone would run this Eva image tower wrongly: it has {'; '.join(eva_problems)}")
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.source = source
