@@ -114,7 +114,7 @@ def test_hand_checked_sample(caplog):
     # random.Random(0).sample([0, 2, 4], 2) == [2, 4], then .sample([1, 3], 2) == [1, 3].
     with caplog.at_level(logging.WARNING):
         assert sample_few_shot_indices(items, 2, random.Random(0)) == [2, 4, 1, 3, 5]
-    assert "class 2 (c2) has 1 images, fewer than 2 shots" in caplog.text
+    assert "train split: class 2 (c2) has 1 images, fewer than 2 shots" in caplog.text
     assert sample_few_shot(items, 0, random.Random(0)) == items
 
 

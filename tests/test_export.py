@@ -46,3 +46,18 @@ def test_export_load_and_predict(json_dataset, tmp_path):
         assert "does not exist" in str(exc)
     refused = runner.invoke(app, ["export", str(run_dir), str(out)])
     assert isinstance(refused.exception, AlignedNormError) and "not empty" in str(refused.exception)
+
+
+def test_load_and_predict_name_the_shipped_clip_as_at_training(json_dataset, tmp_path):
+    """``--clip mini`` trains; ``load(..., clip="mini")`` and ``predict --clip mini`` find the same file."""
+    args = ["eval", "--method", "zeroshot", "--dataset", "oxford_pets", "--data-root", str(json_dataset.root),
+            "--clip", "mini", "--output", str(tmp_path / "runs")]
+    assert runner.invoke(app, args, catch_exceptions=False).exit_code == 0
+    (run_dir,) = (tmp_path / "runs").glob("*/oxford_pets/*/zeroshot/*/seed1")
+    images = torch.randn(2, 3, 32, 32)
+    assert alignednorm.load(run_dir, clip="mini").predict(images, classes=["cat", "dog"]) == \
+        alignednorm.load(run_dir).predict(images, classes=["cat", "dog"])
+    image = json_dataset.image_dir / json_dataset.split["test"][0][0]
+    result = runner.invoke(app, ["predict", str(run_dir), str(image), "--clip", "mini", "--classes", "cat,dog"],
+                           catch_exceptions=False)
+    assert result.exit_code == 0 and ("cat" in result.output or "dog" in result.output)

@@ -34,7 +34,8 @@ _CACHE_FORMAT = "alignednorm-fewshot-v1"
 _MAX_VAL_SHOTS = 4
 
 
-def sample_few_shot_indices(items: Sequence[Item], num_shots: int, rng: random.Random) -> list[int]:
+def sample_few_shot_indices(items: Sequence[Item], num_shots: int, rng: random.Random,
+                            split: str = "train") -> list[int]:
     """Positions in ``items`` of Dassl's ``num_shots``-per-class sample.
 
     Args:
@@ -42,6 +43,7 @@ def sample_few_shot_indices(items: Sequence[Item], num_shots: int, rng: random.R
             ``rng.sample`` picks).
         num_shots: K, the number of items kept per label.
         rng: the random stream; ``rng.sample`` is called once per label with at least K items.
+        split: the split ``items`` come from, named in the warning about too-small classes.
 
     Returns:
         Indices into ``items``, grouped by label in first-occurrence order.
@@ -50,14 +52,17 @@ def sample_few_shot_indices(items: Sequence[Item], num_shots: int, rng: random.R
     for index, item in enumerate(items):
         groups.setdefault(item.label, []).append(index)
     chosen: list[int] = []
+    short = []
     for label, group in groups.items():
         if len(group) >= num_shots:
             # Sampling positions consumes the stream exactly as sampling the items themselves.
             chosen += rng.sample(group, num_shots)
         else:
-            logger.warning("class %d (%s) has %d images, fewer than %d shots: keeping all of them",
-                           label, items[group[0]].classname, len(group), num_shots)
+            short.append(f"class {label} ({items[group[0]].classname}) has {len(group)} images")
             chosen += group
+    if short:  # one line, however many classes
+        logger.warning("%s split: %s%s, fewer than %d shots: keeping all of them", split, "; ".join(short[:3]),
+                       f" (and {len(short) - 3} more classes)" if len(short) > 3 else "", num_shots)
     return chosen
 
 
@@ -78,7 +83,8 @@ def few_shot_indices(splits: DatasetSplits, num_shots: int, seed: int) -> dict[s
     train = sample_few_shot_indices(splits.train, num_shots, rng)
     if splits.val_is_test:
         return {"train": train, "val": None}
-    return {"train": train, "val": sample_few_shot_indices(splits.val, min(num_shots, _MAX_VAL_SHOTS), rng)}
+    val_shots = min(num_shots, _MAX_VAL_SHOTS)  # Dassl's cap
+    return {"train": train, "val": sample_few_shot_indices(splits.val, val_shots, rng, split="validation")}
 
 
 def few_shot_splits(splits: DatasetSplits, num_shots: int, seed: int,

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
+from alignednorm.backbone.loading import resolve_clip_path
 from alignednorm.config import build, load_run_config, run_config_from, to_yaml
 from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
@@ -404,7 +405,7 @@ def read_exported(folder: Path) -> tuple[dict, DictConfig]:
 
 
 def _checked_clip(run_dir: Path, info: dict, clip: str | Path | None) -> Path:
-    clip_path = Path(clip or info["clip"])
+    clip_path = Path(info["clip"]) if clip is None else resolve_clip_path(clip)  # 'mini' and the like
     if not clip_path.is_file():
         raise CheckpointError(f"backbone {clip_path} (recorded in {run_dir / 'run.json'}) does not exist; "
                               "pass clip=... / --clip")
