@@ -1,0 +1,352 @@
+"""Time the official MMRL++ code the way ``alignednorm bench`` times ours (issue #21's side-by-side check).
+
+``python -m alignednorm.compat.bench_official --official-repo MMRL --dassl Dassl.pytorch --clock cpu``
+writes the random CLIP that ``alignednorm bench`` builds (:func:`alignednorm.bench.random_clip`) as an
+OpenAI-layout state dict, builds the official ``CustomCLIP`` with the official ``MMRLpp.build_model``
+(Dassl defaults + the official ``extend_cfg`` + ``configs/trainers/MMRLpp/vit_b16.yaml``, fp32, template
+"a photo of a {}."), then times, per class count and median over ``--iters``, the official
+``forward_backward`` (frozen CLIP image pass, forward, loss, backward, AdamW step), the first evaluation
+batch (class text encoded) and a steady one, on bench's images and labels. It prints bench's table.
+
+The official code is imported from the given checkouts and run as it is, except for setup that is never
+timed: the trainer is a bare ``MMRLpp`` holding what ``build_model`` and ``forward_backward`` read (no
+data loaders, no logging); the official CLIP download is pointed at the written file (nothing is
+downloaded); on the CPU the frozen CLIP's class text features are computed where the model is (the
+official helper calls ``.cuda()``); and where Dassl's warm-up LR scheduler fails on a recent torch, a plain
+cosine one stands in (it is stepped only after an epoch, never in a timed step). Only our own parts are tested (tests/test_bench_official.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import importlib
+import io
+import json
+import resource
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import torch
+
+from alignednorm.backbone.clip import ClipBackbone
+from alignednorm.bench import CLOCKS, GEOMETRIES, BenchResult, Timing, _median, format_result, make_clock, random_clip
+from alignednorm.errors import AlignedNormError, CheckpointError, ConfigError
+
+OFFICIAL_URL = "github.com/yunncheng/MMRL"
+# What the harness imports or reads from the official checkout; the first missing one is named.
+OFFICIAL_FILES = ("trainers/mmrlpp.py", "clip/clip.py", "clip/model_mmrlpp.py", "train.py",
+                  "configs/trainers/MMRLpp/vit_b16.yaml")
+DASSL_FILE = "dassl/engine/trainer.py"
+# Top-level names the official checkout uses; an earlier import of another package under one would win.
+_OFFICIAL_MODULES = ("clip", "trainers", "datasets", "train")
+_SIZE_KEYS = ("input_resolution", "context_length", "vocab_size")  # carried by OpenAI's archives
+TEMPLATE_DATASET = "ImageNet"  # its official template is bench's "a photo of a {}."
+
+
+def check_official_repo(path: str | Path | None) -> Path:
+    """The official MMRL checkout at ``path``, or a one-line :class:`ConfigError` naming the file it lacks."""
+    if path is None:
+        raise ConfigError(f"--official-repo is required: a checkout of {OFFICIAL_URL}")
+    repo = Path(path)
+    if not repo.is_dir():
+        raise ConfigError(f"--official-repo {repo}: no such folder (expected a checkout of {OFFICIAL_URL})")
+    missing = next((name for name in OFFICIAL_FILES if not (repo / name).is_file()), None)
+    if missing:
+        raise ConfigError(f"--official-repo {repo}: not the official MMRL checkout ({OFFICIAL_URL}): "
+                          f"{missing} is missing")
+    return repo.resolve()
+
+
+def check_dassl(path: str | Path | None) -> Path | None:
+    """The Dassl.pytorch checkout at ``path`` (``None``: use an installed ``dassl``)."""
+    if path is None:
+        return None
+    root = Path(path)
+    if not (root / DASSL_FILE).is_file():
+        raise ConfigError(f"--dassl {root}: not a Dassl.pytorch checkout (github.com/KaiyangZhou/Dassl.pytorch): "
+                          f"{DASSL_FILE} is missing")
+    return root.resolve()
+
+
+def official_weights(backbone: ClipBackbone) -> dict[str, torch.Tensor]:
+    """The CLIP's weights in OpenAI's layout, with the archive's size entries.
+
+    The size entries make our loader read the file as OpenAI's (QuickGELU); the official
+    ``build_model`` deletes them.
+    """
+    state = {name: value.detach().cpu().clone() for name, value in backbone.model.state_dict().items()}
+    state["input_resolution"] = torch.tensor(backbone.image_size)
+    state["context_length"] = torch.tensor(state["positional_embedding"].shape[0])
+    state["vocab_size"] = torch.tensor(state["token_embedding.weight"].shape[0])
+    return state
+
+
+def write_official_weights(backbone: ClipBackbone, path: str | Path) -> Path:
+    """Save :func:`official_weights` with ``torch.save``: not TorchScript, so the official ``load_clip_to_cpu``
+    falls back from ``torch.jit.load`` to ``torch.load`` (a plain state dict), as for a converted checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(official_weights(backbone), path)
+    return path
+
+
+def _file_under(module: ModuleType, root: Path) -> bool:
+    file = getattr(module, "__file__", None)
+    return file is not None and Path(file).resolve().is_relative_to(root)
+
+
+def import_official(repo: Path, dassl: Path | None) -> SimpleNamespace:
+    """Import the official ``train`` (config), ``trainers.mmrlpp`` and Dassl from the checkouts."""
+    for name in _OFFICIAL_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and not _file_under(module, repo):
+            raise ConfigError(f"a module {name!r} is already imported from {getattr(module, '__file__', '?')}; "
+                              "run the official benchmark in a fresh process")
+    for root in (dassl, repo):  # the checkout first: its clip / datasets / trainers shadow installed packages
+        if root is not None and str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.cuda.amp deprecations in the official imports
+            train = importlib.import_module("train")
+            mmrlpp = importlib.import_module("trainers.mmrlpp")
+            dassl_config = importlib.import_module("dassl.config")
+            dassl_engine = importlib.import_module("dassl.engine")
+    except ImportError as exc:
+        hint = "" if dassl else "; pass --dassl PATH to a Dassl.pytorch checkout"
+        raise ConfigError(f"importing the official MMRL code failed: {exc} (Dassl imports yacs, tabulate, gdown, "
+                          f"wilds: pip install what is missing{hint})") from exc
+    if not _file_under(mmrlpp, repo):
+        raise ConfigError(f"trainers.mmrlpp was imported from {mmrlpp.__file__}, not from --official-repo {repo}")
+    return SimpleNamespace(train=train, mmrlpp=mmrlpp, clip=mmrlpp.clip, get_cfg_default=dassl_config.get_cfg_default,
+                           TrainerBase=dassl_engine.TrainerBase)
+
+
+def official_config(official: SimpleNamespace, repo: Path, image_size: int):
+    """The official MMRL++ config as train.py assembles it for ``vit_b16.yaml``, in fp32.
+
+    The per-dataset table of ``trainers/config.py`` is not applied: it changes BETA / REG_WEIGHT only,
+    not what a step computes, and the yaml's defaults are the ones bench's method uses.
+    """
+    cfg = official.get_cfg_default()
+    official.train.extend_cfg(cfg)
+    cfg.merge_from_file(str(repo / "configs/trainers/MMRLpp/vit_b16.yaml"))
+    cfg.TRAINER.NAME = "MMRLpp"
+    cfg.DATASET.NAME = TEMPLATE_DATASET
+    cfg.TRAINER.MMRLpp.PREC = "fp32"  # bench times fp32; the yaml's "amp" needs CUDA
+    cfg.INPUT.SIZE = (image_size, image_size)  # asserted equal to the CLIP's resolution
+    cfg.freeze()
+    return cfg
+
+
+@contextlib.contextmanager
+def _replaced(module: ModuleType, name: str, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _zero_shot_text_features_here(official: SimpleNamespace):
+    """The official ``_get_text_base_features_zero_shot`` computation, on the device the encoder is on."""
+
+    def features(cfg, classnames, clip_model, text_encoder):
+        template = official.mmrlpp.CUSTOM_TEMPLATES[cfg.DATASET.NAME]
+        tokens = torch.cat([official.clip.tokenize(template.format(c.replace("_", " "))) for c in classnames])
+        with torch.no_grad():
+            return text_encoder(clip_model.token_embedding(tokens).type(clip_model.dtype), tokens)
+
+    return features
+
+
+def _scheduler_or_cosine(build):
+    """Dassl's ``build_lr_scheduler``, or a plain cosine schedule where Dassl's warm-up wrapper cannot be built.
+
+    That wrapper passes ``verbose`` to torch's ``LRScheduler``, which torch >= 2.7 no longer takes. The
+    schedule is stepped only after an epoch's last batch, never inside a timed step.
+    """
+
+    def build_or_cosine(optimizer, optim_cfg):
+        try:
+            return build(optimizer, optim_cfg)
+        except TypeError:
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(optim_cfg.MAX_EPOCH))
+
+    return build_or_cosine
+
+
+def build_official_trainer(official: SimpleNamespace, cfg, classnames: list[str], weights: Path,
+                           device: torch.device):
+    """An official ``MMRLpp`` trainer after its own ``build_model``, without Dassl's data manager."""
+    mmrlpp = official.mmrlpp
+    trainer = mmrlpp.MMRLpp.__new__(mmrlpp.MMRLpp)  # TrainerX.__init__ would build the datasets
+    official.TrainerBase.__init__(trainer)  # the model / optimiser registries
+    trainer.cfg, trainer.device = cfg, device
+    trainer.dm = SimpleNamespace(dataset=SimpleNamespace(classnames=classnames))
+    trainer.batch_idx, trainer.num_batches = 0, 2  # forward_backward steps the LR only at an epoch's last batch
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_replaced(official.clip, "_download", lambda url, root=None: str(weights)))
+        stack.enter_context(_replaced(mmrlpp, "build_lr_scheduler", _scheduler_or_cosine(mmrlpp.build_lr_scheduler)))
+        if device.type != "cuda":
+            stack.enter_context(_replaced(mmrlpp, "_get_text_base_features_zero_shot",
+                                          _zero_shot_text_features_here(official)))
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))  # its progress prints would break --json
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.load's deprecation, on the fallback
+        trainer.build_model()
+    return trainer
+
+
+def weight_problems(trainer, state: dict[str, torch.Tensor]) -> list[str]:
+    """Frozen CLIP tensors of the official models that differ from ``state`` (the official loader is not strict).
+
+    The official ``build_model`` casts to fp16 before loading and the fp32 trainer casts back, so a tensor
+    may also equal the file's rounded to fp16.
+    """
+    official = {**{f"visual.{k}": v for k, v in trainer.image_encoder_clip.state_dict().items()},
+                **{f"visual.{k.removeprefix('image_encoder.')}": v for k, v in trainer.model.state_dict().items()
+                   if k.startswith("image_encoder.")},
+                **{k.removeprefix("text_encoder."): v for k, v in trainer.model.state_dict().items()
+                   if k.startswith("text_encoder.")}}
+    problems = []
+    for name, value in official.items():
+        if name in ("visual.A", "visual.B"):  # the projection adapter: learnable, not in CLIP
+            continue
+        ours = state.get(name)
+        if ours is None:
+            problems.append(f"{name}: not in the file")
+        elif not (torch.equal(value.cpu(), ours) or torch.equal(value.cpu(), ours.half().float())):
+            problems.append(f"{name}: differs from the file")
+    # The token embedding stays outside the models: it made the class prompts' embeddings.
+    embedded = state["token_embedding.weight"][trainer.model.tokenized_prompts.cpu()]
+    if not torch.equal(trainer.model.prompt_embeddings.cpu(), embedded):
+        problems.append("token_embedding.weight: the class prompts were embedded with other weights")
+    expected = {k for k in state if k not in (*_SIZE_KEYS, "token_embedding.weight", "logit_scale")}
+    problems += [f"{name}: not loaded" for name in sorted(expected - set(official))]
+    return problems
+
+
+def time_official(trainer, images: torch.Tensor, labels: torch.Tensor, iters: int, clock
+                  ) -> tuple[float, float, float]:
+    """Median seconds of the official training step, first evaluation batch and steady evaluation batch."""
+    batch = {"img": images, "label": labels}
+    train, first, steady = [], [], []
+    for _ in range(iters):
+        trainer.set_model_mode("train")
+        start = clock()
+        trainer.forward_backward(batch)
+        train.append(clock() - start)
+        trainer.set_model_mode("eval")
+        # The official cache of class text features is filled by the first eval batch and never dropped.
+        trainer.model.text_features_for_inference = None
+        with torch.no_grad():  # as the official test()
+            start = clock()
+            trainer.model(images)
+            first.append(clock() - start)
+            start = clock()
+            trainer.model(images)
+            steady.append(clock() - start)
+    return _median(train), _median(first), _median(steady)
+
+
+def _fingerprint(repo: Path) -> dict[str, str]:
+    """Which official version was timed: sha256 (16 hex digits) of the files the harness runs."""
+    return {name: hashlib.sha256((repo / name).read_bytes()).hexdigest()[:16] for name in OFFICIAL_FILES[:3]}
+
+
+def run_official_bench(official_repo: str | Path, dassl: str | Path | None = None, geometry: str = "vit-b16",
+                       classes=(50,), batch: int = 8, iters: int = 2, device: str = "cpu", clock: str = "wall",
+                       weights_out: str | Path | None = None) -> dict:
+    """Time the official MMRL++ per class count; returns bench's result fields plus ``peak_rss_mb`` and
+    ``official`` (the checkout and a fingerprint of its files)."""
+    repo, dassl_root = check_official_repo(official_repo), check_dassl(dassl)
+    dev = torch.device(device)
+    timer = make_clock(dev, clock)
+    backbone = random_clip(geometry)  # refuses an unknown geometry
+    official = import_official(repo, dassl_root)
+    image_size = backbone.image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = write_official_weights(backbone, Path(weights_out) if weights_out else Path(tmp) / "clip.pt")
+        del backbone  # the official side holds its own copies
+        gc.collect()
+        cfg = official_config(official, repo, image_size)
+        result = BenchResult("mmrlpp (official)", geometry, batch, device, clock)
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(batch, 3, image_size, image_size, generator=gen).to(dev)
+        for n_classes in classes:
+            labels = (torch.arange(batch) % n_classes).to(dev)
+            torch.manual_seed(0)
+            trainer = build_official_trainer(official, cfg, [f"class {i}" for i in range(n_classes)], weights, dev)
+            # Read back mapped and dropped before timing: no third copy of the CLIP in the peak memory.
+            state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+            problems = weight_problems(trainer, state)
+            del state
+            if problems:
+                raise CheckpointError(f"the official build_model did not take the random CLIP: {'; '.join(problems[:4])}")
+            result.params["mmrlpp (official)"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            train_s, first_s, steady_s = time_official(trainer, images, labels, iters, timer)
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            result.timings.append(Timing(n_classes, {}, train_s, first_s, steady_s, rss,
+                                         torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None))
+            del trainer
+            gc.collect()
+    return {**result.as_dict(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "official": {"repo": str(repo), "dassl": str(dassl_root) if dassl_root else None,
+                         "sha256": _fingerprint(repo), "weights": str(weights_out) if weights_out else None}}
+
+
+def format_official(report: dict) -> str:
+    """bench's table for the official code (one row per class count), then its peak RSS and checkout."""
+    fields = {k: report[k] for k in ("method", "geometry", "batch", "device", "clock", "params")}
+    result = BenchResult(**fields, timings=[Timing(**t) for t in report["timings"]])
+    table = format_result(result).split("\n")
+    table[0] = (f"{result.method} on {result.geometry} ({result.device}, batch {result.batch}): {result.clock} seconds "
+                "per iteration; none of our optimisations (compare with bench's 'none' rows); peak memory so far")
+    rss = (f"peak RSS of this process: {report['peak_rss_mb']:.0f} MB (two CLIPs per class count, as the official "
+           "build_model loads them)")
+    return "\n".join([*table, rss,
+                      f"official code: {report['official']['repo']} (sha256 {report['official']['sha256']})"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m alignednorm.compat.bench_official",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--official-repo", type=Path, help=f"a checkout of {OFFICIAL_URL}")
+    parser.add_argument("--dassl", type=Path, help="a Dassl.pytorch checkout (default: the installed dassl)")
+    parser.add_argument("--geometry", default="vit-b16", help=f"random CLIP: {', '.join(GEOMETRIES)}")
+    parser.add_argument("--classes", default="50,500", help="comma-separated class counts")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=2, help="iterations per class count (the median is shown)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--clock", default="wall", choices=CLOCKS, help="wall, or cpu: process CPU seconds")
+    parser.add_argument("--weights-out", type=Path, help="keep the random CLIP's state dict at this path")
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    args = parser.parse_args(argv)
+    try:
+        try:
+            counts = tuple(int(c) for c in args.classes.split(",") if c.strip())
+        except ValueError:
+            raise ConfigError(f"--classes {args.classes!r}: expected comma-separated integers, e.g. 50,500") from None
+        if not counts or min(counts) < 1 or args.iters < 1 or args.batch < 1:
+            raise ConfigError("--classes, --iters and --batch need positive values")
+        report = run_official_bench(args.official_repo, args.dassl, args.geometry, counts, args.batch, args.iters,
+                                    args.device, args.clock, args.weights_out)
+    except AlignedNormError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else format_official(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
