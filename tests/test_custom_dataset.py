@@ -54,9 +54,10 @@ def test_create_run_export_load_predict(tmp_path):
     assert {label for _, label, _ in split["test"]} == {0, 1, 2, 3}  # stratified: every class in every split
     assert sorted({name for _, _, name in split["train"]}) == ["bird", "cat", "dog", "fish"]
     clip = save_openai_state_dict(make_tiny_clip(seed=1, layers=3), tmp_path / "clip.pt")
-    _ok("run", "base2new", "--method", "mmrlpp", "--datasets", "pets4", "--data-root", data, "--clip", clip,
-        "--seeds", 1, "--shots", 2, "--output", tmp_path / "runs", "--set", "method.rep_layers=[2,3]",
-        "--set", "method.rep_dim=16", "--set", "train.epochs=1", "--set", "train.batch_size=2")
+    printed = _ok("run", "base2new", "--method", "mmrlpp", "--datasets", "pets4", "--data-root", data, "--clip", clip,
+                  "--seeds", 1, "--shots", 2, "--output", tmp_path / "runs", "--set", "method.rep_layers=[2,3]",
+                  "--set", "method.rep_dim=16", "--set", "train.epochs=1", "--set", "train.batch_size=2")
+    assert "| pets4 |" in printed and "imagenet" not in printed  # its table lists its own dataset only
     (run_dir,) = (tmp_path / "runs").glob("base2new/pets4/shots2/mmrlpp/*/seed1")
     metrics = json.loads((run_dir / "eval" / "pets4" / "metrics.json").read_text())
     assert metrics["eval"]["base"]["num_classes"] == 2 and metrics["eval"]["new"]["num_classes"] == 2

@@ -58,14 +58,17 @@ def _order(names: set[str], preferred: tuple[str, ...] = ()) -> list[str]:
 
 
 def pick_suite(records: list[Record], suite: str | None, fits) -> Suite | None:
-    """The suite named, else the one the runs recorded, else the first registered one ``fits``."""
-    names = [suite] if suite else [r.suite for r in records if r.suite] or []
-    for name in names:
+    """The suite named, else the first that ``fits`` the runs: the one they recorded, then the registered ones.
+
+    Runs on datasets outside every suite (your own) get no suite: their tables list only those datasets.
+    """
+    if suite:
         try:
-            return get_suite(name)
+            return get_suite(suite)
         except KeyError:
-            continue
-    for name in ["paper", *list_suites()]:
+            pass
+    recorded = [r.suite for r in records if r.suite]
+    for name in [*recorded, "paper", *list_suites()]:
         if name in list_suites() and fits(get_suite(name)):
             return get_suite(name)
     return None
