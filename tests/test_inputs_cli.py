@@ -57,7 +57,7 @@ def test_non_finite_settings_are_one_line(json_dataset, clip_file, tmp_path):
     assert "reg_weight = nan; expected a finite number" in message
 
 
-def test_predict_inputs(trained, json_dataset, tmp_path):
+def test_predict_inputs(trained, json_dataset, tmp_path, caplog):
     good = json_dataset.image_dir / json_dataset.split["test"][0][0]
     not_image = tmp_path / "not_image.jpg"
     not_image.write_text("hello")
@@ -78,6 +78,10 @@ def test_predict_inputs(trained, json_dataset, tmp_path):
     assert "longer than the text context" in message and len(message) < 300
     clamped = _ok("predict", trained, good, "--classes", "cat,dog", "--topk", "5")
     assert clamped.count(" 0.") + clamped.count(" 1.0") == 2  # both classes shown, no more
+    caplog.clear()
+    default = runner.invoke(app, ["predict", str(trained), str(good), "--classes", "cat,dog"])
+    assert default.exit_code == 0 and "topk" not in caplog.text  # the default asks for nothing more
+    assert default.output.count(" 0.") + default.output.count(" 1.0") == 2
 
 
 def test_damaged_run_files(trained):

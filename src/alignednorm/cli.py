@@ -424,7 +424,8 @@ def predict_cmd(
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     classes: Annotated[str | None, typer.Option(help="comma-separated class names (default: the run's)")] = None,
     classes_file: Annotated[Path | None, typer.Option(help="a file with one class name per line")] = None,
-    topk: Annotated[int, typer.Option(help="labels per image (more than the classes: all of them)")] = 5,
+    topk: Annotated[int | None, typer.Option(help="labels per image (default 5; more than the classes: all of them)"
+                                             )] = None,
     clip: Annotated[Path | None, typer.Option(help="backbone file, if it moved since training")] = None,
 ) -> None:
     """Top-k labels with probabilities for images (rule: seen for training classes, else unseen).

@@ -44,20 +44,22 @@ class Predictor:
         return "seen" if trained is None or set(classes) <= set(trained) else "unseen"
 
     @torch.no_grad()
-    def predict(self, images, classes: list[str] | None = None, topk: int = 5, template: str | None = None,
+    def predict(self, images, classes: list[str] | None = None, topk: int | None = None, template: str | None = None,
                 rule: str | None = None) -> list[list[tuple[str, float]]]:
         """Top-``k`` ``(class name, probability)`` per image.
 
         Args:
             images: image paths, a folder, PIL images, or a ``(B, 3, H, W)`` normalised tensor.
             classes: class names to choose from (default: the run's training classes).
-            topk: how many labels per image (at least 1; more than the classes is clamped, with a warning).
+            topk: how many labels per image (default: 5, or all classes when fewer; at least 1; more than
+                the classes is clamped, with a warning).
             template: prompt template (default: the run's).
             rule: inference rule ``seen`` / ``unseen`` / ``any``; default: chosen from ``classes`` (see module).
         """
         classes = self.classnames if classes is None else list(classes)
         if not classes:
             raise ConfigError("no class names given; pass at least one class (or none at all for the run's own)")
+        topk = min(5, len(classes)) if topk is None else topk
         if not isinstance(topk, int) or topk < 1:
             raise ConfigError(f"topk = {topk!r}; expected an integer >= 1")
         if topk > len(classes):
