@@ -74,8 +74,7 @@ def import_official_checkpoint(method: str, checkpoint: str | Path, out_dir: str
     from alignednorm.backbone.clip import ClipBackbone
     from alignednorm.compat.official import import_official
     from alignednorm.config import build, resolve_config
-    from alignednorm.engine.io import save_tensors
-    from alignednorm.engine.run import file_sha256
+    from alignednorm.engine.io import file_sha256, save_tensors
     from alignednorm.methods import create_method
 
     out_dir = Path(out_dir)

@@ -13,8 +13,11 @@ from alignednorm.methods.base import Method
 
 @torch.no_grad()
 def evaluate(method: Method, loader: DataLoader, rule: str = "any", progress: bool = True,
-             desc: str = "eval") -> dict:
+             desc: str = "eval", predict=None) -> dict:
     """Run ``method.predict`` with inference ``rule`` over ``loader``.
+
+    ``predict(inputs) -> logits`` replaces ``method.predict(images, rule)``, e.g. to classify
+    batches of cached image features.
 
     Returns:
         ``{"accuracy": %, "num_samples": N, "per_class_accuracy": [% per label], "macro_accuracy": %}``.
@@ -30,7 +33,7 @@ def evaluate(method: Method, loader: DataLoader, rule: str = "any", progress: bo
             continue
         images, labels = batch
         start = time.perf_counter()
-        logits = method.predict(images.to(device), rule=rule)
+        logits = method.predict(images.to(device), rule=rule) if predict is None else predict(images.to(device))
         seconds, batches = seconds + time.perf_counter() - start, batches + 1
         hits = (logits.argmax(dim=-1).cpu() == labels).long()
         total += torch.bincount(labels, minlength=num_classes)
@@ -44,5 +47,5 @@ def evaluate(method: Method, loader: DataLoader, rule: str = "any", progress: bo
         "macro_accuracy": float(per_class[seen].mean()) if seen.any() else float("nan"),
         "per_class_accuracy": [None if torch.isnan(a) else round(float(a), 4) for a in per_class],
         "seconds_per_batch": seconds / max(batches, 1),
-        "batch_size": loader.batch_size,
+        "batch_size": getattr(loader, "batch_size", None),
     }

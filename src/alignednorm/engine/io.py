@@ -6,6 +6,7 @@ Each write goes to ``.<name>.<8 hex digits>.tmp`` beside its target and is renam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -125,3 +126,19 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def save_torch(path: str | Path, obj) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) for this process."""
+    info = os.stat(path)
+    key = (str(Path(path).resolve()), info.st_size, info.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]

@@ -15,7 +15,6 @@ that differ. Evaluations are the protocols' business (:mod:`alignednorm.protocol
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,15 @@ from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
 from alignednorm.engine.environment import environment
 from alignednorm.engine.evaluate import evaluate
-from alignednorm.engine.io import clean_stale_temp_files, load_tensors, save_tensors, write_json, write_text
+from alignednorm.engine.feature_cache import cached_image_features
+from alignednorm.engine.io import (
+    clean_stale_temp_files,
+    file_sha256,
+    load_tensors,
+    save_tensors,
+    write_json,
+    write_text,
+)
 from alignednorm.engine.trainer import Trainer, seed_everything
 from alignednorm.errors import AlignedNormError, CheckpointError
 from alignednorm.methods import Method, create_method
@@ -81,20 +88,6 @@ def format_command(words) -> str:
     return " ".join(shlex.quote(str(w)) for w in words)
 
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file, remembered per (path, size, mtime) for this process."""
-    stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-        _SHA_CACHE[key] = digest.hexdigest()
-    return _SHA_CACHE[key]
 
 
 # The config file of a folder written by ``alignednorm export`` (alignednorm.export).
@@ -332,20 +325,37 @@ def _validator(split: D.DatasetSplits, dataset: str, data_cfg):
 
 
 def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: str, data_cfg,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, feature_cache: str | Path | None = None) -> dict:
     """Accuracy on ``split.test`` over its classes, with the inference rule ``rule`` (seen / unseen / any).
 
-    Unreadable images skipped under ``data.skip_corrupt`` are counted in ``skipped_images``.
+    Unreadable images skipped under ``data.skip_corrupt`` are counted in ``skipped_images``. With
+    ``feature_cache``, a method that sees images only through frozen features
+    (``Method.frozen_image_features``) classifies features kept there (:mod:`.feature_cache`).
     """
     method.check_classnames(split.classnames, rule)
     method.set_label_space(dataset_label_space(dataset, split.classnames, data_cfg.descriptions))
     loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
-    result = evaluate(method, loader, rule=rule, progress=progress, desc=f"eval {dataset}/{rule}")
-    skipped = loader.dataset.num_skipped
+    cached = cached_image_features(method.backbone, loader, feature_cache) \
+        if feature_cache is not None and method.frozen_image_features else None
+    if cached is None:
+        result = evaluate(method, loader, rule=rule, progress=progress, desc=f"eval {dataset}/{rule}")
+        skipped = loader.dataset.num_skipped
+    else:
+        result, skipped = _evaluate_features(method, rule, *cached, data_cfg.eval_batch_size)
     result.update(num_classes=len(split.classnames), skipped_images=skipped)
     if skipped:
         log.warning("%s/%s: skipped %d unreadable images: %s", dataset, rule, skipped, sorted(loader.dataset.skipped)[:5])
     return result
+
+
+def _evaluate_features(method: Method, rule: str, features, labels, info: dict, batch_size: int) -> tuple[dict, int]:
+    """:func:`evaluate` over cached image features; the cost is the image tower's when it ran now."""
+    batches = list(zip(features.split(batch_size), labels.split(batch_size)))
+    result = evaluate(method, batches, rule=rule, progress=False,
+                      predict=lambda f: method.logits_from_image_features(f, rule))
+    result.update(seconds_per_batch=info["seconds_per_batch"], batch_size=batch_size,
+                  image_features="reused from cache" if info["reused"] else "computed and cached")
+    return result, info["skipped_images"]
 
 
 @dataclass

@@ -109,6 +109,10 @@ class Method(nn.Module, abc.ABC):
     # True for methods that read the label space's class descriptions (HiCroPL): a run without
     # descriptions records that it fell back to the templates.
     uses_descriptions: ClassVar[bool] = False
+    # True when logits depend on images only through the frozen CLIP's image features (zero-shot,
+    # linear probe): evaluations may then reuse cached features (engine.feature_cache) and call
+    # :meth:`logits_from_image_features` instead of :meth:`predict`.
+    frozen_image_features: ClassVar[bool] = False
 
     def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None):
         super().__init__()
@@ -230,6 +234,11 @@ class Method(nn.Module, abc.ABC):
     def predict(self, images: Tensor, rule: str = "any") -> Tensor:
         """Logits ``(B, C)`` of the method's inference rule (``seen`` / ``unseen`` / ``any``)."""
         return self(images, rule=check_rule(rule)).logits
+
+    def logits_from_image_features(self, features: Tensor, rule: str = "any") -> Tensor:
+        """Logits ``(B, C)`` from frozen image features ``(B, E)`` (``backbone.encode_image(images).features``);
+        only for methods with ``frozen_image_features``."""
+        raise TypeError(f"method {self.name!r} does not classify from frozen image features")
 
     def on_epoch_start(self, state: StepState) -> None:
         """Hook called before each training epoch (e.g. Nemesis's ω schedule)."""

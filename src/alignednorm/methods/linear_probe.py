@@ -32,6 +32,7 @@ class LinearProbe(Method):
     """A linear classifier ``W f(x) + b`` on frozen CLIP image features, fitted by logistic regression."""
 
     class_specific = True
+    frozen_image_features = True
     citation = CLIP_CITATION
 
     @dataclass
@@ -78,8 +79,11 @@ class LinearProbe(Method):
 
     def forward(self, images: Tensor, rule: str = "any", trace: Traces | None = None) -> Outputs:
         features = self.backbone.encode_image(images, trace=trace.image if trace else None).features
-        logits = features @ self.weight.t() + self.bias
+        logits = self.logits_from_image_features(features, rule)
         return Outputs(logits=logits, features=F.normalize(features, dim=-1), branches={"image_features": features})
+
+    def logits_from_image_features(self, features: Tensor, rule: str = "any") -> Tensor:
+        return features @ self.weight.t() + self.bias
 
     # ------------------------------------------------------------------ fitting
     @torch.no_grad()

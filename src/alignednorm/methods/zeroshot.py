@@ -26,6 +26,7 @@ class ZeroShotCLIP(Method):
     """
 
     learns = False
+    frozen_image_features = True
     citation = CLIP_CITATION
 
     @dataclass
@@ -37,3 +38,6 @@ class ZeroShotCLIP(Method):
         features = F.normalize(self.backbone.encode_image(images, trace=image_trace).features, dim=-1)
         text = self.text_features(trace.text if trace is not None else None)
         return Outputs(logits=self.logit_scale * features @ text.t(), features=features, branches={"text_features": text})
+
+    def logits_from_image_features(self, features: Tensor, rule: str = "any") -> Tensor:
+        return self.logit_scale * F.normalize(features, dim=-1) @ self.text_features().t()

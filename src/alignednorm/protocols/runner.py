@@ -128,6 +128,11 @@ class Job:
     command: str | None = None
 
     @property
+    def feature_cache_dir(self) -> str | None:
+        """Frozen image features shared by the runs of one output folder (beside the few-shot cache)."""
+        return None if self.cache_dir is None else str(Path(self.cache_dir).with_name(".feature-cache"))
+
+    @property
     def name(self) -> str:
         return f"{self.protocol}/{self.dataset}/shots{self.shots}/{self.method}/{self.variant}/seed{self.seed}"
 
@@ -347,7 +352,8 @@ def _evaluate(job: Job, trained: TrainedRun, target: str, splits: D.DatasetSplit
     if reason:  # e.g. a linear probe or a class-specific context asked about new classes: no number, a reason
         log.warning("%s %s %s: not applicable: %s", job.name, target, ev.classes, reason)
         return {"accuracy": None, "not_applicable": reason, "dataset": target, "classes": ev.classes, "rule": ev.rule}
-    result = evaluate_split(trained.method, split, target, ev.rule, trained.data_config, job.progress)
+    result = evaluate_split(trained.method, split, target, ev.rule, trained.data_config, job.progress,
+                            feature_cache=job.feature_cache_dir)
     result.update(dataset=target, classes=ev.classes, rule=ev.rule)
     log.info("%s %s %s/%s: %.2f%%", job.name, target, ev.classes, ev.rule, result["accuracy"])
     return result
