@@ -21,7 +21,7 @@ from alignednorm.cli import app
 from alignednorm.config import DataConfig
 from alignednorm.engine.io import atomic_write, write_json
 from alignednorm.engine.run import RunLock, evaluate_split
-from alignednorm.engine.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at_epoch
+from alignednorm.engine.trainer import TrainConfig, Trainer, TrainingDiverged, gradients_finite, lr_at_epoch
 from alignednorm.errors import AlignedNormError, CheckpointError
 from alignednorm.methods import create_method
 
@@ -119,6 +119,28 @@ def test_nan_loss_stops_with_step_and_terms(tmp_path):
     dataset = torch.utils.data.TensorDataset(images, torch.tensor([0, 1, 0, 1]))
     trainer = Trainer(method, TrainConfig(epochs=2, batch_size=4), run_dir=tmp_path, progress=False)
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step 0.*'ce_cls': nan"):
+        trainer.fit(dataset)
+
+
+def test_gradients_finite_sees_nan_and_inf_anywhere_and_no_overflow():
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    assert gradients_finite(params)  # no gradient yet
+    params[0].grad, params[2].grad = torch.ones(3), torch.full((3,), 3e38)  # large, finite: no overflow
+    assert gradients_finite(params)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        params[2].grad = torch.tensor([1.0, bad, 2.0])
+        assert not gradients_finite(params)
+
+
+def test_nan_gradient_with_finite_loss_stops_training(tmp_path):
+    backbone = ClipBackbone(make_tiny_clip(seed=1, layers=3))
+    method = create_method("mmrlpp", backbone, {"rep_layers": [2, 3], "rep_dim": 16})
+    method.set_classnames(["a", "b"])
+    first = method.learnable_parameters()[0]
+    first.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    dataset = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1]))
+    trainer = Trainer(method, TrainConfig(epochs=1, batch_size=4), run_dir=tmp_path, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradient at epoch 1, step 0"):
         trainer.fit(dataset)
 
 
