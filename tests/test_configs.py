@@ -64,6 +64,12 @@ def test_suite_file_then_method_suite_section():
     few = resolve_config("mmrlpp", "fewshot", "mini_counts")
     assert (few.train.batch_size, few.train.epochs, few.train.lr) == (16, 20, 2e-3)  # lr from mmrlpp's fewshot
     assert resolve_config("zeroshot", "crossdataset", "mini_objects").train.batch_size == 32
+    # ... and per dataset within a protocol (mini_objects, the large ImageNet-like set, for base2new only).
+    objects = resolve_config("alignednorm", "base2new", "mini_objects").train
+    assert (objects.batch_size, objects.epochs) == (16, 10)
+    assert resolve_config("alignednorm", "base2new", "mini_counts").train.batch_size == 4
+    assert resolve_config("mmrlpp", "fewshot", "mini_objects").train.batch_size == 16
+    assert resolve_config("mmrlpp", "base2new", "mini_objects", overrides=["train.batch_size=4"]).train.batch_size == 4
     # ... and the method's own suites.mini section comes after it; the user still wins.
     assert resolve_config("alignednorm", "base2new", "mini_counts").method.logit_scale is None
     assert resolve_config("alignednorm", "base2new", "mini_counts", overrides=["train.epochs=2"]).train.epochs == 2

@@ -2,7 +2,8 @@
 
 Precedence, later wins: schema defaults ← method preset (``configs/methods/<method>.yaml``) ←
 the preset's protocol section ← the dataset's suite file (``configs/suites/<suite>.yaml``: ``train``
-and ``data`` shared by every method, then its ``protocols.<protocol>``) ← the preset's section for
+and ``data`` shared by every method, then its ``protocols.<protocol>``, then that protocol's
+``datasets.<dataset>``) ← the preset's section for
 that suite (``suites.mini``, then ``suites.mini.protocols.<protocol>``) ← its per-dataset section
 for that protocol ← the user's YAML ← ``--set key=value`` options. Unknown keys and wrong types raise :class:`ConfigError` naming
 the key, the file it came from and the closest valid key.
@@ -100,8 +101,11 @@ def _sections(node, source: str, keys: tuple[str, ...] = ("method", "train", "da
     return [(part, source)] if part else []
 
 
-def _suite_file_layers(suite: str, protocol: str | None) -> list[tuple[object, str]]:
-    """``configs/suites/<suite>.yaml``: train and data settings every method shares on that suite."""
+def _suite_file_layers(suite: str, protocol: str | None, dataset: str | None = None) -> list[tuple[object, str]]:
+    """``configs/suites/<suite>.yaml``: train and data settings every method shares on that suite.
+
+    Layers: its top level, its ``protocols.<protocol>``, then that protocol's ``datasets.<dataset>``.
+    """
     path = suite_preset_path(suite)
     if not path.is_file():
         return []
@@ -111,8 +115,11 @@ def _suite_file_layers(suite: str, protocol: str | None) -> list[tuple[object, s
         raise ConfigError(f"{path}: unexpected top-level keys {stray}; a suite file holds train, data and protocols")
     layers = _sections(preset, str(path), ("train", "data"))
     if protocol:
-        layers += _sections(preset.get("protocols", {}).get(protocol, {}), f"{path} protocols.{protocol}",
-                            ("train", "data"))
+        section = preset.get("protocols", {}).get(protocol, {})
+        layers += _sections(section, f"{path} protocols.{protocol}", ("train", "data"))
+        if dataset:
+            layers += _sections(section.get("datasets", {}).get(dataset, {}),
+                                f"{path} protocols.{protocol}.datasets.{dataset}", ("train", "data"))
     return layers
 
 
@@ -124,7 +131,7 @@ def _preset_layers(method: str, protocol: str | None, dataset: str | None) -> li
     section = preset.get("protocols", {}).get(protocol, {}) if protocol else {}
     layers += _sections(section, f"{path} protocols.{protocol}")
     for name in _dataset_suites(dataset):
-        layers += _suite_file_layers(name, protocol)
+        layers += _suite_file_layers(name, protocol, dataset)
         suite = preset.get("suites", {}).get(name, {})
         layers += _sections(suite, f"{path} suites.{name}")
         if protocol:
