@@ -93,9 +93,9 @@ def test_forward_is_cosine_logits_with_clip_scale(tiny_backbone):
 
 
 def test_class_specific_context(tiny_backbone):
-    assert get_method_class("coop").class_specific is False
+    assert get_method_class("coop").traits.class_specific is False
     method = create_method("coop", tiny_backbone, {"n_ctx": 4, "class_specific": True})
-    assert method.class_specific is True
+    assert method.traits.class_specific is True
     method.set_classnames(CLASSES)
     assert method.context.ctx.shape == (3, 4, tiny_backbone.text_width)
     with pytest.raises(CheckpointError, match="holds 3 classes; 2 were given"):

@@ -94,8 +94,8 @@ def test_init_chains_spread():
 # ---------------------------------------------------------------------- the method
 def test_marked_unofficial():
     cls = get_method_class("empl")
-    assert "unofficial" in cls.note and "unofficial" in cls.citation and "UNOFFICIAL" in sys.modules[cls.__module__].__doc__
-    assert "ICCV" in cls.citation and "2023" in cls.citation
+    assert "unofficial" in cls.traits.note and "unofficial" in cls.traits.citation and "UNOFFICIAL" in sys.modules[cls.__module__].__doc__
+    assert "ICCV" in cls.traits.citation and "2023" in cls.traits.citation
 
 
 def test_number_of_sampled_prompts(backbone):

@@ -36,7 +36,7 @@ def test_forward_gradients_and_frozen_backbone(name, backbone):
     for rule in RULES:
         assert method.predict(images, rule).shape == (4, 3)
     learnable = method.learnable_parameters()
-    assert bool(learnable) == method.learns
+    assert bool(learnable) == method.traits.learns
     if not learnable:
         return
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -75,7 +75,7 @@ def test_prompt_trained_on_some_classes_predicts_on_others(name, backbone):
     other.set_trained_classnames(["cat", "dog", "bird"], "memory")
     images, _ = _batch()
     new_classes = ["car", "tree"]
-    if get_method_class(name).class_specific:
+    if get_method_class(name).traits.class_specific:
         with pytest.raises(CheckpointError, match="one prompt per class"):
             other.check_classnames(new_classes, "unseen")
         return
@@ -145,3 +145,26 @@ def test_decoupled_and_unified_rules_and_overrides(backbone):
         pass
     with pytest.raises(ConfigError, match="inference rule 'base' is not one of"):
         decoupled.predict(images, "base")
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_traits_have_their_declared_types_and_are_not_shadowed(name, backbone):
+    """Framework traits live in one ``MethodTraits``: a method's own attributes cannot shadow them."""
+    import dataclasses
+    import typing
+
+    from alignednorm.methods.base import MethodTraits
+
+    cls = get_method_class(name)
+    for traits in (cls.traits, create_method(name, backbone).traits):
+        assert isinstance(traits, MethodTraits)
+        hints = typing.get_type_hints(MethodTraits)
+        for f in dataclasses.fields(MethodTraits):
+            assert isinstance(getattr(traits, f.name), hints[f.name]), f.name
+
+
+def test_traits_refuse_a_wrong_type():
+    from alignednorm.methods.base import MethodTraits
+
+    with pytest.raises(TypeError, match="frozen_image_features"):
+        MethodTraits(frozen_image_features="yes")

@@ -52,7 +52,7 @@ def list_methods_cmd() -> None:
     from alignednorm.methods import get_method_class, list_methods
 
     for name in list_methods():
-        note = get_method_class(name).note
+        note = get_method_class(name).traits.note
         typer.echo(f"{name}  ({note})" if note else name)
 
 
@@ -208,7 +208,7 @@ def eval_cmd(
     from alignednorm.methods import get_method_class
     from alignednorm.protocols.runner import Evaluation
 
-    if get_method_class(method).learns:
+    if get_method_class(method).traits.learns:
         raise AlignedNormError(f"--method {method!r} learns a prompt; `eval` only evaluates methods that learn "
                                "nothing (zeroshot). Train and evaluate it with `alignednorm train` or `alignednorm run`")
     _check_choice(subset, ("all", "base", "new"), "--subset")

@@ -39,7 +39,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) ->
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     info = read_run_info(run_dir)
     weights = run_dir / "learnable.safetensors"
-    if get_method_class(info["method"]).learns and not weights.is_file():
+    if get_method_class(info["method"]).traits.learns and not weights.is_file():
         raise AlignedNormError(f"{run_dir} has no learnable.safetensors: export a finished training run")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise AlignedNormError(f"{out_dir} exists and is not empty; choose another folder or pass --force")
@@ -103,7 +103,7 @@ def model_card(config: dict) -> str:
     rows = "\n".join(f"| {target} | " + ", ".join(f"{k} {v:.2f}" for k, v in evals.items()) + " |"
                      for target, evals in config["metrics"].items()) or "| (not evaluated) | |"
     backbone = config["backbone"]
-    note = f"\n> {method_cls.note}\n" if method_cls.note else ""
+    note = f"\n> {method_cls.traits.note}\n" if method_cls.traits.note else ""
     return f"""---
 library_name: alignednorm
 tags: [prompt-learning, clip, {config["method"]}]
@@ -146,6 +146,6 @@ Method config:
 ## Citation
 
 ```bibtex
-{method_cls.citation.strip() or "(see the method's paper)"}
+{method_cls.traits.citation.strip() or "(see the method's paper)"}
 ```
 """

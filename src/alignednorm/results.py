@@ -68,7 +68,7 @@ def _method_note(method: str) -> str:
     from alignednorm.methods import get_method_class
 
     try:
-        return get_method_class(method).note.split(" (")[0]
+        return get_method_class(method).traits.note.split(" (")[0]
     except ConfigError:  # a run of a method this installation does not know: its name alone
         return ""
 

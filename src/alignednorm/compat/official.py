@@ -95,6 +95,11 @@ _DEEP_RULES: dict[str, list[tuple[str, object]]] = {
 # the current class names, as the official loader does).
 _COOP_RULES: list[tuple[str, object]] = [(r"(?:prompt_learner\.)?ctx$", lambda m: "context.ctx")]
 _DEEP_RULES.update(coop=_COOP_RULES, nemesis=_COOP_RULES)
+# CoCoOp (KaiyangZhou/CoOp ``trainers/cocoop.py``): the context plus the meta-net ``linear1``/``linear2``,
+# our ``meta_net.0`` / ``meta_net.2`` (a ReLU sits between them).
+_DEEP_RULES["cocoop"] = _COOP_RULES + [
+    (r"(?:prompt_learner\.)?meta_net\.linear([12])\.(weight|bias)$", lambda m: f"meta_net.{2 * int(m[1]) - 2}.{m[2]}"),
+]
 
 # HiCroPL (zzeoZheng/HiCroPL): prompts and cross-tower nets of ``prompt_learner`` (``ctx`` is
 # ``cross_prompts_text.0``). Visual proxies are numbered from layer k + 1 in the official lists; their

@@ -7,7 +7,7 @@ learnable values, an input batch and every tensor the official code computed; ev
 read from its ``manifest.json``. The manifest's official config section names the method, and
 this module hands the fixture to that method's parity module (:data:`SECTIONS`):
 ``parity_mmrl`` (MMRL, MMRL++, AlignedNorm), ``parity_deep`` (MaPLe, PromptSRC),
-``parity_nemesis`` (CoOp, Nemesis), ``parity_hicropl`` (HiCroPL). Prints one JSON report; the exit
+``parity_coop`` (CoOp, CoCoOp), ``parity_nemesis`` (Nemesis), ``parity_hicropl`` (HiCroPL). Prints one JSON report; the exit
 status is 0 iff every tensor is within tolerance. The comparison rules and the report format below are
 shared.
 """
@@ -31,8 +31,9 @@ SECTIONS = {
     "TRAINER.MAPLE": "parity_deep",
     "TRAINER.PROMPTSRC": "parity_deep",
     "TRAINER.CoOpNemesis": "parity_nemesis",
-    "TRAINER.CoOp": "parity_nemesis",
-    "TRAINER.COOP": "parity_nemesis",
+    "TRAINER.CoOp": "parity_coop",
+    "TRAINER.COOP": "parity_coop",
+    "TRAINER.COCOOP": "parity_coop",
     "TRAINER.HICROPL": "parity_hicropl",
 }
 DEFAULT_TOLERANCES = {"hidden": 1e-5, "logits": 1e-4, "losses": 5e-5, "gradients_rel": 1e-4,
@@ -43,6 +44,8 @@ def parity_module(manifest: dict):
     """The parity module for a fixture's method, found by the manifest's official config section."""
     for section, module in SECTIONS.items():
         if section in manifest.get("config", {}):
+            if module == "parity_coop" and "class_names_base" not in manifest:
+                module = "parity_nemesis"  # a plain CoOp section in the Nemesis fixtures' format (one class list)
             return importlib.import_module(f"alignednorm.compat.{module}")
     raise ValueError(f"manifest config has none of the sections {sorted(SECTIONS)}")
 
@@ -106,6 +109,12 @@ def fixture_threads(manifest: dict, threads: int | None = None):
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def manifest_sgd(params, step: dict) -> torch.optim.SGD:
+    """Dassl's SGD with a fixture's ``optimizer_step`` settings, at the rate of step 1."""
+    return torch.optim.SGD(params, lr=step["lr_at_step1"], momentum=step["momentum"],
+                           weight_decay=step["weight_decay"], dampening=step["dampening"], nesterov=step["nesterov"])
 
 
 def build_report(fixture: Path, name: str, config: dict, results: dict[str, dict]) -> dict:

@@ -20,7 +20,14 @@ from safetensors.torch import load_file
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.compat.official import convert_official_state
-from alignednorm.compat.parity import build_report, compare, fixture_threads, read_manifest, tolerances
+from alignednorm.compat.parity import (
+    build_report,
+    compare,
+    fixture_threads,
+    manifest_sgd,
+    read_manifest,
+    tolerances,
+)
 from alignednorm.compat.rounded_copies import compare_rounded_copies, per_copy_gradients
 from alignednorm.losses.self_regularization import template_mean_text_features
 from alignednorm.methods import StepState, create_method
@@ -160,9 +167,7 @@ def _train(method, manifest, images, labels, start, names) -> dict:
     method.train()
     step = manifest["optimizer_step"]
     params = dict(method.named_parameters())
-    optimizer = torch.optim.SGD(method.learnable_parameters(), lr=step["lr_at_step1"], momentum=step["momentum"],
-                                weight_decay=step["weight_decay"], dampening=step["dampening"],
-                                nesterov=step["nesterov"])
+    optimizer = manifest_sgd(method.learnable_parameters(), step)
     epochs = manifest["config"]["OPTIM"]["MAX_EPOCH"]
     with per_copy_gradients(method) as copies:
         _, rec = _forward_backward(method, images, labels)

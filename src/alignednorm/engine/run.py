@@ -330,13 +330,13 @@ def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: s
 
     Unreadable images skipped under ``data.skip_corrupt`` are counted in ``skipped_images``. With
     ``feature_cache``, a method that sees images only through frozen features
-    (``Method.frozen_image_features``) classifies features kept there (:mod:`.feature_cache`).
+    (``MethodTraits.frozen_image_features``) classifies features kept there (:mod:`.feature_cache`).
     """
     method.check_classnames(split.classnames, rule)
     method.set_label_space(dataset_label_space(dataset, split.classnames, data_cfg.descriptions))
     loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
     cached = cached_image_features(method.backbone, loader, feature_cache) \
-        if feature_cache is not None and method.frozen_image_features else None
+        if feature_cache is not None and method.traits.frozen_image_features else None
     if cached is None:
         result = evaluate(method, loader, rule=rule, progress=progress, desc=f"eval {dataset}/{rule}")
         skipped = loader.dataset.num_skipped
@@ -436,5 +436,5 @@ def _run_info(spec: RunSpec, split: D.DatasetSplits, identity: dict, method: Met
         "data_root": str(Path(spec.data_root).resolve()),
         "torch": torch.__version__, "identity": identity,
         # Methods that use class descriptions fall back to the templates without them: say so.
-        "description_fallback": method.uses_descriptions and method.label_space.descriptions is None,
+        "description_fallback": method.traits.uses_descriptions and method.label_space.descriptions is None,
     }

@@ -52,6 +52,37 @@ def check_range(config: MethodConfig, name: str, low: float | None = None, high:
         raise ConfigError(f"{type(config).__qualname__}.{name} = {value!r} is out of range; expected a value in {bounds}")
 
 
+@dataclass(frozen=True)
+class MethodTraits:
+    """Framework traits of a method, declared as ``traits = MethodTraits(...)`` on its class.
+
+    Attributes:
+        learns: False for methods that learn nothing (zero-shot CLIP): a run only evaluates them.
+        class_specific: learned tensors are tied to the class list (CoOp's class-specific contexts,
+            the linear probe): such a prompt only serves exactly the classes, in order, it was trained on.
+        frozen_image_features: logits depend on images only through the frozen CLIP's image features
+            (zero-shot, linear probe): evaluations may reuse cached features (``engine.feature_cache``)
+            and call :meth:`Method.logits_from_image_features` instead of :meth:`Method.predict`.
+        uses_descriptions: reads the label space's class descriptions (HiCroPL): a run without
+            descriptions records that it fell back to the templates.
+        note: shown in ``list methods`` and report rows (e.g. "unofficial reconstruction").
+        citation: BibTeX of the method's paper, for the model card of exported prompts.
+    """
+
+    learns: bool = True
+    class_specific: bool = False
+    frozen_image_features: bool = False
+    uses_descriptions: bool = False
+    note: str = ""
+    citation: str = ""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if type(value) is not type(f.default):
+                raise TypeError(f"MethodTraits.{f.name} = {value!r}; expected a {type(f.default).__name__}")
+
+
 @dataclass
 class Outputs:
     """A method's forward result.
@@ -97,22 +128,9 @@ class Method(nn.Module, abc.ABC):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    # True when learned tensors are tied to the class list (e.g. CoOp's class-specific contexts):
-    # such a prompt only works for exactly the classes, in the order, it was trained on.
-    class_specific: ClassVar[bool] = False
-    # Shown in `list methods` and report rows (e.g. "unofficial reconstruction").
-    note: ClassVar[str] = ""
-    # False for methods that learn nothing (zero-shot CLIP): a run only evaluates them.
-    learns: ClassVar[bool] = True
-    # BibTeX of the method's paper, for the model card of exported prompts.
-    citation: ClassVar[str] = ""
-    # True for methods that read the label space's class descriptions (HiCroPL): a run without
-    # descriptions records that it fell back to the templates.
-    uses_descriptions: ClassVar[bool] = False
-    # True when logits depend on images only through the frozen CLIP's image features (zero-shot,
-    # linear probe): evaluations may then reuse cached features (engine.feature_cache) and call
-    # :meth:`logits_from_image_features` instead of :meth:`predict`.
-    frozen_image_features: ClassVar[bool] = False
+    # What the framework needs to know about the method, in one attribute a method's own names
+    # cannot shadow. An instance may refine it from its config (CoOp's class-specific context).
+    traits: MethodTraits = MethodTraits()
 
     def __init__(self, backbone: ClipBackbone, config: MethodConfig | None = None):
         super().__init__()
@@ -198,7 +216,7 @@ class Method(nn.Module, abc.ABC):
         trained, source = self.trained_classnames, self.trained_source
         if trained is None or list(classnames) == list(trained):
             return None
-        if self.class_specific:
+        if self.traits.class_specific:
             return (f"class names do not match {source}: method {self.name!r} learns one prompt per class and was "
                     f"trained on {len(trained)} classes {_preview(trained)}, but {len(classnames)} classes were given "
                     f"{_preview(classnames)}; pass the training classes in their order")
@@ -308,6 +326,8 @@ def register_method(name: str):
     def decorate(cls: type[Method]) -> type[Method]:
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"method {name!r} is registered twice")
+        if not isinstance(cls.__dict__.get("traits", cls.traits), MethodTraits):
+            raise TypeError(f"method {name!r}: 'traits' must be a MethodTraits, not {type(cls.traits).__name__}")
         cls.name = name
         _METHODS[name] = cls
         return cls

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alignednorm.backbone.hooks import Traces
+from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.errors import ConfigError
-from alignednorm.methods.base import Outputs, check_range, register_method
+from alignednorm.methods.base import MethodTraits, Outputs, check_range, register_method
 from alignednorm.methods.coop import CoOp
 from alignednorm.prompts.text_context import TextContext
 
@@ -30,10 +30,11 @@ from alignednorm.prompts.text_context import TextContext
 class CoCoOp(CoOp):
     """CoCoOp: a unified context plus an image-conditioned shift from a two-layer meta-net."""
 
-    citation = """@inproceedings{zhou2022cocoop,
+    traits = MethodTraits(citation="""@inproceedings{zhou2022cocoop,
   title = {Conditional Prompt Learning for Vision-Language Models},
   author = {Zhou, Kaiyang and Yang, Jingkang and Loy, Chen Change and Liu, Ziwei},
-  booktitle = {CVPR}, year = {2022}}"""
+  booktitle = {CVPR}, year = {2022}}""")
+
 
     @dataclass
     class Config(CoOp.Config):
@@ -65,20 +66,25 @@ class CoCoOp(CoOp):
                                       nn.Linear(hidden, self.context.width))
         self.meta_net.to(self.context.ctx.device)
 
-    def conditional_text_features(self, f: Tensor) -> Tensor:
-        """Per-image class embeddings ``(B, C, E)`` (not normalised) from normalised image features ``(B, E)``."""
+    def conditional_text_features(self, f: Tensor, trace: Trace | None = None) -> Tensor:
+        """Per-image class embeddings ``(B, C, E)`` (not normalised) from normalised image features ``(B, E)``.
+
+        ``trace`` records the text tower over the ``B·C`` prompts, image by image.
+        """
         context: TextContext = self.context
         bias = self.meta_net(f)  # (B, W): π(x), the same shift for every context token
         ctx = context.ctx.unsqueeze(0) + bias.unsqueeze(1)  # (B, L, W)
         prompts = torch.cat([context.embeddings(ctx[i]) for i in range(f.shape[0])])  # (B·C, T, W)
         ids = context.token_ids.repeat(f.shape[0], 1)  # (B·C, T)
-        return self.encode_prompts(prompts, ids).view(f.shape[0], len(context.classnames), -1)
+        return self.encode_prompts(prompts, ids, trace).view(f.shape[0], len(context.classnames), -1)
 
     def forward(self, images: Tensor, rule: str = "any", trace: Traces | None = None) -> Outputs:
         trace = trace or Traces()
         image = self.backbone.encode_image(images, trace=trace.image).features
         f = F.normalize(image, dim=-1)
-        w = F.normalize(self.conditional_text_features(f), dim=-1)  # (B, C, E)
+        text = self.conditional_text_features(f, trace.text)  # (B, C, E)
+        w = F.normalize(text, dim=-1)
         logits = self.logit_scale * (f.unsqueeze(1) * w).sum(dim=-1)  # (B, C)
-        return Outputs(logits=logits, features=f, branches={"image_features_unnorm": image, "text_features": w})
+        return Outputs(logits=logits, features=f, branches={"image_features_unnorm": image, "text_features_unnorm": text,
+                                                            "text_features": w})
 

@@ -12,6 +12,7 @@ Only the text tower is prompted, so ResNet CLIPs (RN50, the paper's backbone) wo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,15 @@ from torch import Tensor
 from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.errors import ConfigError
 from alignednorm.losses.nemesis import logged_position_norms
-from alignednorm.methods.base import Method, MethodConfig, Outputs, StepState, check_range, register_method
+from alignednorm.methods.base import (
+    Method,
+    MethodConfig,
+    MethodTraits,
+    Outputs,
+    StepState,
+    check_range,
+    register_method,
+)
 from alignednorm.prompts.label_space import LabelSpace
 from alignednorm.prompts.text_context import POSITIONS, TextContext
 
@@ -34,10 +43,11 @@ class CoOp(Method):
     trained on (other lists are refused with a :class:`~alignednorm.errors.CheckpointError`).
     """
 
-    citation = """@article{zhou2022coop,
+    traits = MethodTraits(citation="""@article{zhou2022coop,
   title = {Learning to Prompt for Vision-Language Models},
   author = {Zhou, Kaiyang and Yang, Jingkang and Loy, Chen Change and Liu, Ziwei},
-  journal = {International Journal of Computer Vision}, year = {2022}}"""
+  journal = {International Journal of Computer Vision}, year = {2022}}""")
+
 
     @dataclass
     class Config(MethodConfig):
@@ -66,12 +76,13 @@ class CoOp(Method):
     def __init__(self, backbone, config=None):
         super().__init__(backbone, config)
         cfg = self.config
-        self.class_specific = cfg.class_specific  # per instance: the class attribute is the unified default
+        # Per instance: the class's traits say unified, the config may ask for a class-specific context.
+        self.traits = dataclasses.replace(type(self).traits, class_specific=cfg.class_specific)
         self.context = TextContext(backbone, cfg.n_ctx, cfg.ctx_init, cfg.class_specific, cfg.class_token_position)
 
     # ------------------------------------------------------------------ classes and state
     def on_label_space(self, space: LabelSpace) -> None:
-        if self.class_specific:
+        if self.traits.class_specific:
             self.check_classnames(list(space.classnames), "any")
         self.context.set_classnames(self.backbone, space.classnames)
 
@@ -89,7 +100,7 @@ class CoOp(Method):
         so the backbone may run that start once; pass False when rows are separate variables.
         """
         x = embeddings + self.backbone.text_positional_embedding.to(embeddings.dtype)
-        alike = not self.class_specific if built_alike is None else built_alike
+        alike = not self.traits.class_specific if built_alike is None else built_alike
         return self.backbone.encode_text(token_ids, embeddings=x, trace=trace, embeddings_built_alike=alike).features
 
     def compute_text_features(self, trace: Trace | None = None) -> Tensor:

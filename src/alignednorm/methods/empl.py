@@ -38,7 +38,7 @@ from torch import Tensor
 from alignednorm.backbone.hooks import Traces
 from alignednorm.errors import ConfigError
 from alignednorm.losses.energy import ENERGIES, classifier_energy, gaussian_prior
-from alignednorm.methods.base import Outputs, StepState, check_range, register_method
+from alignednorm.methods.base import MethodTraits, Outputs, StepState, check_range, register_method
 from alignednorm.methods.coop import CoOp
 from alignednorm.prompts.langevin import init_chains, langevin_sample
 
@@ -64,12 +64,12 @@ def aggregate_logits(per_sample: Tensor, texts: Tensor, image: Tensor, scale: fl
 class EMPL(CoOp):
     """EMPL, unofficial reconstruction: K Langevin samples of a CoOp context from CLIP's free energy."""
 
-    note = "unofficial reconstruction (no reference code or numbers; specs/empl.md)"
-    citation = """@inproceedings{chen2023empl,
+    traits = MethodTraits(note="unofficial reconstruction (no reference code or numbers; specs/empl.md)", citation="""@inproceedings{chen2023empl,
   title = {A Retrospect to Multi-prompt Learning across Vision and Language},
   author = {Chen, Ziliang and Huang, Xin and Guan, Quanlong and Lin, Liang and Luo, Weiqi},
   booktitle = {ICCV}, pages = {22190--22201}, year = {2023},
-  note = {EMPL here is an unofficial reconstruction from the abstract; no reference code or numbers}}"""
+  note = {EMPL here is an unofficial reconstruction from the abstract; no reference code or numbers}}""")
+
 
     @dataclass
     class Config(CoOp.Config):

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Traces
 from alignednorm.errors import ConfigError
-from alignednorm.methods.base import Outputs, StepState, check_range, register_method
+from alignednorm.methods.base import MethodTraits, Outputs, StepState, check_range, register_method
 from alignednorm.methods.maple import DeepPromptConfig, DeepPromptMethod
 from alignednorm.prompts.cross_tower import CrossTowerFlow, CrossTowerOutput
 from alignednorm.prompts.deep import PromptStack, context_init, round_fp16
@@ -67,13 +67,13 @@ MAPPINGS = ("reference", "differentiable")
 class HiCroPL(DeepPromptMethod):
     """Deep prompts in both towers, mapped across them at layer k, fused with frozen CLIP."""
 
-    uses_descriptions = True
-    citation = """@article{zheng2025hierarchical,
+    traits = MethodTraits(uses_descriptions=True, citation="""@article{zheng2025hierarchical,
   title={Hierarchical Cross-modal Prompt Learning for Vision-Language Models},
   author={Zheng, Hao and Yang, Shunzhi and He, Zhuoxin and Yang, Jinfeng and Huang, Zhenhua},
   journal={arXiv preprint arXiv:2507.14976},
   year={2025}
-}"""
+}""")
+
 
     @dataclass
     class Config(DeepPromptConfig):

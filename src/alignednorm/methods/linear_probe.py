@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from alignednorm.backbone.hooks import Traces
 from alignednorm.errors import ConfigError
-from alignednorm.methods.base import Method, MethodConfig, Outputs, check_range, register_method
+from alignednorm.methods.base import Method, MethodConfig, MethodTraits, Outputs, check_range, register_method
 from alignednorm.methods.zeroshot import CLIP_CITATION
 from alignednorm.prompts.label_space import LabelSpace
 
@@ -31,9 +31,8 @@ log = logging.getLogger(__name__)
 class LinearProbe(Method):
     """A linear classifier ``W f(x) + b`` on frozen CLIP image features, fitted by logistic regression."""
 
-    class_specific = True
-    frozen_image_features = True
-    citation = CLIP_CITATION
+    traits = MethodTraits(class_specific=True, frozen_image_features=True, citation=CLIP_CITATION)
+
 
     @dataclass
     class Config(MethodConfig):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from alignednorm.methods.base import register_method
+from alignednorm.methods.base import MethodTraits, register_method
 from alignednorm.methods.mmrlpp import MMRLpp, RepresentationConfig
 from alignednorm.prompts.representation import LinearAligner
 
@@ -21,9 +21,10 @@ from alignednorm.prompts.representation import LinearAligner
 class MMRL(MMRLpp):
     """MMRL with the decoupled (official) or unified inference rule."""
 
-    citation = """@inproceedings{guo2025mmrl,
+    traits = MethodTraits(citation="""@inproceedings{guo2025mmrl,
   title = {MMRL: Multi-Modal Representation Learning for Vision-Language Models},
-  author = {Guo, Yuncheng and Gu, Xiaodong}, booktitle = {CVPR}, year = {2025}}"""
+  author = {Guo, Yuncheng and Gu, Xiaodong}, booktitle = {CVPR}, year = {2025}}""")
+
 
     @dataclass
     class Config(RepresentationConfig):

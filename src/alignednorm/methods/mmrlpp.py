@@ -22,7 +22,15 @@ from torch import Tensor, nn
 from alignednorm.backbone.hooks import Prefix, Trace, Traces
 from alignednorm.errors import ConfigError
 from alignednorm.losses.anchoring import cosine_anchor
-from alignednorm.methods.base import Method, MethodConfig, Outputs, StepState, check_range, register_method
+from alignednorm.methods.base import (
+    Method,
+    MethodConfig,
+    MethodTraits,
+    Outputs,
+    StepState,
+    check_range,
+    register_method,
+)
 from alignednorm.prompts.label_space import LabelSpace
 from alignednorm.prompts.representation import ResidualAligner, representation_hook
 
@@ -71,9 +79,10 @@ class RepresentationConfig(MethodConfig):
 class MMRLpp(Method):
     """MMRL++ with the decoupled (official) or unified inference rule."""
 
-    citation = """@article{guo2025mmrlpp,
+    traits = MethodTraits(citation="""@article{guo2025mmrlpp,
   title = {MMRL++: Parameter-Efficient and Interaction-Aware Representation Learning for Vision-Language Models},
-  author = {Guo, Yuncheng and Gu, Xiaodong}, journal = {arXiv preprint}, year = {2025}}"""
+  author = {Guo, Yuncheng and Gu, Xiaodong}, journal = {arXiv preprint}, year = {2025}}""")
+
 
     @dataclass
     class Config(RepresentationConfig):

@@ -43,7 +43,7 @@ from alignednorm.losses.nemesis import (
     random_pan_weights,
     weighted_norm,
 )
-from alignednorm.methods.base import Outputs, StepState, check_range, register_method
+from alignednorm.methods.base import MethodTraits, Outputs, StepState, check_range, register_method
 from alignednorm.methods.coop import CoOp
 
 TERMS = ("pun", "pan", "both")
@@ -64,10 +64,11 @@ class NemesisStep:
 class Nemesis(CoOp):
     """CoOp + Nemesis's PUN and/or PAN norm terms with the ω_E schedule."""
 
-    citation = """@inproceedings{fu2024nemesis,
+    traits = MethodTraits(citation="""@inproceedings{fu2024nemesis,
   title = {Nemesis: Normalizing the Soft-prompt Vectors of Vision-Language Models},
   author = {Fu, Shuai and Wang, Xiequn and Huang, Qiushi and Zhang, Yu},
-  booktitle = {ICLR}, year = {2024}}"""
+  booktitle = {ICLR}, year = {2024}}""")
+
 
     @dataclass
     class Config(CoOp.Config):

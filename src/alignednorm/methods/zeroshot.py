@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignednorm.backbone.hooks import Traces
-from alignednorm.methods.base import Method, MethodConfig, Outputs, register_method
+from alignednorm.methods.base import Method, MethodConfig, MethodTraits, Outputs, register_method
 
 CLIP_CITATION = """@inproceedings{radford2021clip,
   title = {Learning Transferable Visual Models From Natural Language Supervision},
@@ -25,9 +25,8 @@ class ZeroShotCLIP(Method):
     Works on ViT and ResNet CLIPs; every template of the label space joins the ensemble.
     """
 
-    learns = False
-    frozen_image_features = True
-    citation = CLIP_CITATION
+    traits = MethodTraits(learns=False, frozen_image_features=True, citation=CLIP_CITATION)
+
 
     @dataclass
     class Config(MethodConfig):

@@ -348,7 +348,7 @@ def run_eval_step(job: Job, step: EvalStep, trained: TrainedRun) -> dict:
 
 def _evaluate(job: Job, trained: TrainedRun, target: str, splits: D.DatasetSplits, ev: Evaluation) -> dict:
     split = D.subsample_classes(splits, ev.classes)
-    reason = trained.method.serves(split.classnames, ev.rule) if trained.method.class_specific else None
+    reason = trained.method.serves(split.classnames, ev.rule) if trained.method.traits.class_specific else None
     if reason:  # e.g. a linear probe or a class-specific context asked about new classes: no number, a reason
         log.warning("%s %s %s: not applicable: %s", job.name, target, ev.classes, reason)
         return {"accuracy": None, "not_applicable": reason, "dataset": target, "classes": ev.classes, "rule": ev.rule}
