@@ -179,7 +179,7 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, options: Analys
         trained = load_run(run_dir, clip=options.clip, device=options.device)
         first = first or trained
         label = _unique(run_label(trained), records)
-        records[label] = _record_run(trained, trained.method, options)
+        records[label] = _record_run(trained, trained.method, options, skipped, label)
         configs[label] = (Path(run_dir) / "config.yaml").read_text()
         norms = prompt_norms_from_log(Path(run_dir))
         if norms:
@@ -188,7 +188,7 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, options: Analys
         raise AlignedNormError("no run folders given; pass at least one RUN_DIR")
     if options.zeroshot:
         reference = create_method("zeroshot", first.method.backbone)
-        records["zero-shot CLIP"] = _record_run(first, reference, options)
+        records["zero-shot CLIP"] = _record_run(first, reference, options, skipped, "zero-shot CLIP")
     figures = _figures(records, prompt_norms, output, options, skipped)
     from alignednorm.analysis import write_report
 
@@ -203,13 +203,19 @@ def _unique(label: str, taken) -> str:
     return candidate
 
 
-def _record_run(trained: TrainedRun, method: Method, options: AnalysisOptions) -> dict[str, SubsetRecord]:
+def _record_run(trained: TrainedRun, method: Method, options: AnalysisOptions, skipped: dict,
+                label: str) -> dict[str, SubsetRecord]:
+    """Records per subset; a subset a class-specific prompt cannot classify is left out, its reason in ``skipped``."""
     data_root = options.data_root or trained.info.get("data_root")
     if not data_root:
         raise AlignedNormError(f"{trained.run_dir / 'run.json'} records no data root; pass --data-root")
     out = {}
     for classes, rule in SUBSETS:
         split = _test_items(trained, classes, str(data_root), options.max_images, options.seed)
+        reason = method.serves(split.classnames, rule) if method.traits.class_specific else None
+        if reason:
+            skipped[f"{classes} classes of {label}"] = reason
+            continue
         out[classes] = record_subset(method, split, trained.info["dataset"], rule, options.batch_size,
                                      options.progress, trained.data_config.descriptions)
     return out
@@ -240,7 +246,8 @@ def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skip
             skipped[f"r(x) of {label}"] = "the method has no prompt branch (no z_p / z_c features)"
             continue
         r = {k: norm_ratio(_cat(s.z_p), _cat(s.z_c)) for k, s in subsets.items()}
-        ratios[label] = {**r, "summary": ratio_summary(r["base"], r["new"])}
+        if "new" in r:
+            ratios[label] = {**r, "summary": ratio_summary(r["base"], r["new"])}
     add("norm_ratio", "Norm ratio r(x) = |z_p| / |z_c|, base vs new (Fig. 3a)", P.plot_norm_ratio, ratios,
         {k: v["summary"] for k, v in ratios.items()}, "A gap between the base and new means lets r(x) tell them apart.")
     vit = {label: s for label, s in records.items() if s["base"].layer_norms is not None}
@@ -264,9 +271,11 @@ def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skip
         P.plot_uniformity_tolerance, geometry, geometry,
         "Uniformity log E exp(-t|f_i - f_j|^2), t = 0.01 (lower: more uniform); tolerance E[f_i . f_j | same class].")
     if options.tsne:
+        for label in [label for label, s in records.items() if "new" not in s]:
+            skipped[f"t-SNE of {label}"] = "no new-class embeddings (a class-specific prompt)"
         tsne = {label: tsne_embed(_cat(s["base"].features), _cat(s["new"].features), _cat(s["base"].labels),
                                   _cat(s["new"].labels), seed=options.seed, max_points=options.tsne_points)
-                for label, s in records.items()}
+                for label, s in records.items() if "new" in s}
         add("tsne", "t-SNE of base and new image embeddings (Fig. 4)", P.plot_tsne, tsne,
             {k: {"perplexity": v["perplexity"]} for k, v in tsne.items()}, "Seeded; base and new computed together.")
     add("prompt_norms", "Prompt norm per position over training epochs (Nemesis)", P.plot_prompt_norms_over_epochs,

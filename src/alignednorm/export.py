@@ -25,12 +25,17 @@ from alignednorm.methods import get_method_class
 FORMAT = "alignednorm-prompt"
 
 
-def run_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
-    """``{target: {evaluation: accuracy}}`` from the run's evaluation folders."""
+def run_metrics(run_dir: Path) -> dict[str, dict[str, float | None]]:
+    """``{target: {evaluation: accuracy}}`` from the run's evaluation folders (``None``: not applicable)."""
     out = {}
     for path in sorted(run_dir.glob("eval/*/metrics.json")):
-        data = json.loads(path.read_text())
-        out[data.get("target", path.parent.name)] = {k: round(v["accuracy"], 2) for k, v in data["eval"].items()}
+        try:
+            data = json.loads(path.read_text())
+            evals = {k: None if v["accuracy"] is None else round(v["accuracy"], 2) for k, v in data["eval"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise AlignedNormError(f"{path}: not a finished evaluation's metrics ({type(exc).__name__}: {exc}); "
+                                   "re-run the evaluation or delete its folder") from exc
+        out[data.get("target", path.parent.name)] = evals
     return out
 
 
@@ -100,7 +105,7 @@ def import_official_checkpoint(method: str, checkpoint: str | Path, out_dir: str
 def model_card(config: dict) -> str:
     """A model card (Hugging Face style front matter + Markdown) for an exported prompt."""
     method_cls = get_method_class(config["method"])
-    rows = "\n".join(f"| {target} | " + ", ".join(f"{k} {v:.2f}" for k, v in evals.items()) + " |"
+    rows = "\n".join(f"| {target} | " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in evals.items()) + " |"
                      for target, evals in config["metrics"].items()) or "| (not evaluated) | |"
     backbone = config["backbone"]
     note = f"\n> {method_cls.traits.note}\n" if method_cls.traits.note else ""
