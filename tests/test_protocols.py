@@ -232,3 +232,25 @@ def test_run_command_lists_and_failures(json_dataset, clip_file, tmp_path):
         "--output", out, "--seeds", "1", "--datasets", "oxford_pets,dtd")])
     assert result.exit_code == 1 and "1 of 2 jobs finished" in result.output
     assert "failed: base2new/dtd/shots16/zeroshot/default/seed1" in result.output
+
+
+@pytest.mark.parametrize("method", ["coop", "nemesis"])
+def test_fewshot_epochs_follow_the_official_runs_per_shot_count(method):
+    """CoOp / Nemesis: rn50_ep50 for 1 shot, rn50_ep100 for 2 and 4, rn50 (200) for 8 and 16; ImageNet 50."""
+    jobs = expand("fewshot", request(method, seeds=(1,), datasets=("caltech101", "imagenet")))
+    epochs = {(j.dataset, j.shots): j.config["train"]["epochs"] for j in jobs}
+    assert [epochs["caltech101", k] for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert {epochs["imagenet", k] for k in (1, 2, 4, 8, 16)} == {50}
+    # --set still wins over the per-shot section.
+    fixed = expand("fewshot", request(method, seeds=(1,), datasets=("dtd",), shots=(1,), sets=("train.epochs=3",)))
+    assert fixed[0].config["train"]["epochs"] == 3
+
+
+def test_a_bad_shots_key_is_named(tmp_path, monkeypatch):
+    from alignednorm import config as C
+
+    preset = tmp_path / "coop.yaml"
+    preset.write_text("protocols:\n  fewshot:\n    shots:\n      one: {train: {epochs: 5}}\n")
+    monkeypatch.setattr(C, "preset_path", lambda method: preset)
+    with pytest.raises(ConfigError, match="shots key 'one'"):
+        C.resolve_config("coop", "fewshot", "dtd", shots=1)

@@ -1,8 +1,8 @@
 """Run configuration: dataclass schemas merged with OmegaConf in a documented order.
 
 Precedence, later wins: schema defaults ← method preset (``configs/methods/<method>.yaml``) ←
-the preset's protocol section ← the dataset's suite file (``configs/suites/<suite>.yaml``: ``train``
-and ``data`` shared by every method, then its ``protocols.<protocol>``, then that protocol's
+the preset's protocol section ← its ``shots.<K>`` section (epochs per shot count) ← the dataset's
+suite file (``configs/suites/<suite>.yaml``: ``train`` and ``data`` shared by every method, then its ``protocols.<protocol>``, then that protocol's
 ``datasets.<dataset>``) ← the preset's section for
 that suite (``suites.mini``, then ``suites.mini.protocols.<protocol>``) ← its per-dataset section
 for that protocol ← the user's YAML ← ``--set key=value`` options. Unknown keys and wrong types raise :class:`ConfigError` naming
@@ -123,13 +123,26 @@ def _suite_file_layers(suite: str, protocol: str | None, dataset: str | None = N
     return layers
 
 
-def _preset_layers(method: str, protocol: str | None, dataset: str | None) -> list[tuple[object, str]]:
-    """The preset's layers for one run: top level, protocol, the dataset's suites, the dataset."""
+def _shots_section(section, shots: int | None, source: str) -> list[tuple[object, str]]:
+    """A protocol section's ``shots.<K>`` settings (the official runs' epochs per shot count)."""
+    table = section.get("shots", {}) if shots is not None else {}
+    for key in table:
+        if not str(key).isdigit():
+            raise ConfigError(f"{source}: shots key {key!r} is not a shot count (expected e.g. 1, 2, 4, 8, 16)")
+        if int(key) == shots:
+            return _sections(table[key], f"{source}.shots.{shots}")
+    return []
+
+
+def _preset_layers(method: str, protocol: str | None, dataset: str | None,
+                   shots: int | None = None) -> list[tuple[object, str]]:
+    """The preset's layers for one run: top level, protocol, its shot count, the dataset's suites, the dataset."""
     path = preset_path(method)
     preset = _load_yaml(path) if path.is_file() else OmegaConf.create({})
     layers = _sections(preset, str(path))
     section = preset.get("protocols", {}).get(protocol, {}) if protocol else {}
     layers += _sections(section, f"{path} protocols.{protocol}")
+    layers += _shots_section(section, shots, f"{path} protocols.{protocol}")
     for name in _dataset_suites(dataset):
         layers += _suite_file_layers(name, protocol, dataset)
         suite = preset.get("suites", {}).get(name, {})
@@ -153,14 +166,15 @@ def _dataset_suites(dataset: str | None) -> tuple[str, ...]:
 
 
 def resolve_config(method: str, protocol: str | None = None, dataset: str | None = None,
-                   user_yaml: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """The merged config ``{method, train, data}`` for one run, validated."""
+                   user_yaml: str | Path | None = None, overrides: list[str] | None = None,
+                   shots: int | None = None) -> DictConfig:
+    """The merged config ``{method, train, data}`` for one run (``shots``: its K-shot sections), validated."""
     if protocol is not None and protocol not in RUN_KINDS:
         close = difflib.get_close_matches(protocol, RUN_KINDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown protocol {protocol!r}{hint} (known: {', '.join(PROTOCOLS)})")
     cfg = _schema(method)
-    for part, source in _preset_layers(method, protocol, dataset):
+    for part, source in _preset_layers(method, protocol, dataset, shots):
         cfg = _merge(cfg, part, source)
     if user_yaml is not None:
         cfg = _merge(cfg, _load_yaml(Path(user_yaml)), str(user_yaml))

@@ -2,7 +2,9 @@
 
 Per dataset, K and seed: train on K shots of every class, then evaluate on the full test set with
 the ``seen`` rule: every test class was trained on, and the official few-shot test uses the fused
-logits (MMRL++'s ``logits_fusion``). Every K uses the same epochs (the presets').
+logits (MMRL++'s ``logits_fusion``). Epochs follow each method's official runs per K: a preset's
+``protocols.fewshot.shots.<K>`` section (CoOp and Nemesis: 50 / 100 / 100 / 200 / 200 for K = 1, 2,
+4, 8, 16, ImageNet 50); the other methods' official few-shot scripts use one config for every K.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ class SweepRequest:
     def job(self, protocol: str, dataset: str, shots: int, seed: int, train_subset: str,
             evals: list[EvalStep], config_protocol: str | None = None) -> Job:
         """A job training ``dataset`` with the presets of ``config_protocol`` (default ``protocol``)."""
-        cfg = self.config(config_protocol or protocol, dataset, seed)
+        cfg = self.config(config_protocol or protocol, dataset, seed, shots)
         return Job(protocol=protocol, method=self.method, variant=self.variant, suite=self.suite, dataset=dataset,
                    seed=seed, shots=shots, train_subset=train_subset,
                    train_dir=str(self.run_dir(config_protocol or protocol, dataset, shots, seed)),
@@ -215,11 +215,11 @@ class SweepRequest:
                    evals=evals, clip_model=self.clip_model, cache_dir=str(Path(self.output) / ".fewshot-cache"),
                    device=self.device, progress=self.progress)
 
-    def config(self, protocol: str, dataset: str, seed: int) -> dict:
+    def config(self, protocol: str, dataset: str, seed: int, shots: int | None = None) -> dict:
         """The resolved config of one run as a plain dict; ``train.seed`` is ``seed`` unless ``--set`` fixes it."""
-        key = (protocol, dataset)
+        key = (protocol, dataset, shots)
         if key not in self._configs:  # resolving is the slow part of expanding 165 few-shot jobs
-            cfg = resolve_config(self.method, protocol, dataset, self.config_file, list(self.sets))
+            cfg = resolve_config(self.method, protocol, dataset, self.config_file, list(self.sets), shots)
             self._configs[key] = OmegaConf.to_container(cfg, resolve=True)
         cfg = copy.deepcopy(self._configs[key])
         if not any(s.replace(" ", "").startswith("train.seed=") for s in self.sets):
