@@ -36,6 +36,9 @@ class DataConfig:
     Attributes:
         crop_scale: RandomResizedCrop scale range for training images.
         hflip: random horizontal flips of training images.
+        random_resized_crop: random-resized crops of training images (Dassl's ``random_resized_crop``);
+            false resizes them to the input size instead, so with ``hflip: false`` training images
+            are not augmented (Dassl's ``INPUT.TRANSFORMS ['normalize']``).
         eval_batch_size: images per evaluation batch.
         skip_corrupt: skip unreadable images (and count them) instead of failing.
         descriptions: CuPL-style class descriptions (``{"class": ["sentence", ...]}``): a JSON file,
@@ -45,6 +48,7 @@ class DataConfig:
 
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     hflip: bool = True
+    random_resized_crop: bool = True
     eval_batch_size: int = 100
     skip_corrupt: bool = False
     descriptions: str = ""

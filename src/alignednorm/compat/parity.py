@@ -7,7 +7,8 @@ learnable values, an input batch and every tensor the official code computed; ev
 read from its ``manifest.json``. The manifest's official config section names the method, and
 this module hands the fixture to that method's parity module (:data:`SECTIONS`):
 ``parity_mmrl`` (MMRL, MMRL++, AlignedNorm), ``parity_deep`` (MaPLe, PromptSRC),
-``parity_coop`` (CoOp, CoCoOp), ``parity_nemesis`` (Nemesis), ``parity_hicropl`` (HiCroPL). Prints one JSON report; the exit
+``parity_coop`` (CoOp, CoCoOp), ``parity_nemesis`` (Nemesis), ``parity_hicropl`` (HiCroPL); a run-level
+fixture (manifest ``kind``: a whole official training run) goes to ``parity_run``. Prints one JSON report; the exit
 status is 0 iff every tensor is within tolerance. The comparison rules and the report format below are
 shared.
 """
@@ -36,12 +37,17 @@ SECTIONS = {
     "TRAINER.COCOOP": "parity_coop",
     "TRAINER.HICROPL": "parity_hicropl",
 }
+# A manifest ``kind`` starting so is a whole official training run (compared by ``parity_run``).
+RUN_LEVEL_KIND = "run-level golden fixture"
 DEFAULT_TOLERANCES = {"hidden": 1e-5, "logits": 1e-4, "losses": 5e-5, "gradients_rel": 1e-4,
                       "gradients_zero_atol": 1e-6, "after_step": 2e-5, "accuracy": 1e-3}
 
 
 def parity_module(manifest: dict):
-    """The parity module for a fixture's method, found by the manifest's official config section."""
+    """The parity module for a fixture: ``parity_run`` for a whole official run (by the manifest's ``kind``),
+    else the method's, found by the manifest's official config section."""
+    if str(manifest.get("kind", "")).startswith(RUN_LEVEL_KIND):
+        return importlib.import_module("alignednorm.compat.parity_run")
     for section, module in SECTIONS.items():
         if section in manifest.get("config", {}):
             if module == "parity_coop" and "class_names_base" not in manifest:

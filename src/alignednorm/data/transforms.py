@@ -15,6 +15,7 @@ def build_transform(
     hflip: bool = True,
     mean: Sequence[float] = OPENAI_DATASET_MEAN,
     std: Sequence[float] = OPENAI_DATASET_STD,
+    random_resized_crop: bool = True,
 ) -> T.Compose:
     """The train or test transform of a PIL RGB image into a normalised ``(3, S, S)`` tensor.
 
@@ -26,11 +27,15 @@ def build_transform(
         hflip: random horizontal flips (train only); off for data where left/right carries the label.
         mean: per-channel mean for normalisation (CLIP's by default).
         std: per-channel std for normalisation (CLIP's by default).
+        random_resized_crop: the random-resized crop of training images; False resizes them to
+            ``(S, S)`` instead (bicubic), Dassl's train transform when ``INPUT.TRANSFORMS`` has no
+            crop (``['normalize']``: with ``hflip=False`` no augmentation at all).
     """
     bicubic = T.InterpolationMode.BICUBIC
     if train:
         # Dassl skips the plain resize when a random crop is used, so the crop works on the original.
-        geometry = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic)]
+        geometry = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic)
+                    if random_resized_crop else T.Resize((image_size, image_size), interpolation=bicubic)]
         geometry += [T.RandomHorizontalFlip()] if hflip else []
     else:
         geometry = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]

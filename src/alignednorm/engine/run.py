@@ -67,6 +67,8 @@ class RunSpec:
         train_subset: classes trained on: ``base`` (base-to-new) or ``all``.
         cache_dir: few-shot index cache (default: ``<output>/../.fewshot-cache``, beside the runs).
         command: the command line that asked for the run (recorded in ``run.json`` and model cards).
+        epoch_callback: passed to the :class:`Trainer` (called after every epoch; not part of the
+            run's identity), for observers such as :mod:`alignednorm.compat.parity_run`.
     """
 
     method: str
@@ -81,6 +83,7 @@ class RunSpec:
     cache_dir: str | None = None
     progress: bool = True
     command: str | None = None
+    epoch_callback: object = None
 
 
 def format_command(words) -> str:
@@ -270,7 +273,8 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
     if learns:
         method.set_trained_classnames(train_split.classnames, run_dir)
     main = distributed.is_main()
-    trainer = Trainer(method, train_cfg, run_dir, progress=spec.progress and main) if learns else None
+    trainer = Trainer(method, train_cfg, run_dir, progress=spec.progress and main,
+                      epoch_callback=spec.epoch_callback) if learns else None
     if trainer is not None:
         trainer.try_resume()  # a damaged checkpoint stops here, before any file of the run is rewritten
     if main:
@@ -296,8 +300,8 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
 
 def _train_by_gradient(trainer: Trainer, split: D.DatasetSplits, dataset_name: str, data_cfg) -> dict:
     """The trainer's epochs on augmented training images (validation for ``select: best-val``)."""
-    transform = D.build_transform(trainer.method.backbone.image_size, train=True,
-                                  crop_scale=tuple(data_cfg.crop_scale), hflip=data_cfg.hflip)
+    transform = D.build_transform(trainer.method.backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale),
+                                  hflip=data_cfg.hflip, random_resized_crop=data_cfg.random_resized_crop)
     dataset = D.ImageListDataset(split.train, transform, skip_corrupt=data_cfg.skip_corrupt)
     validate = _validator(split, dataset_name, data_cfg) if split.val else None
     stats = trainer.fit(dataset, resume=False, validate=validate)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
 from alignednorm.engine.environment import peak_memory_mb
-from alignednorm.engine.io import save_torch
+from alignednorm.engine.io import load_tensors, save_torch
 from alignednorm.engine.tracking import RunTracker
 from alignednorm.errors import AlignedNormError, CheckpointError, ConfigError
 from alignednorm.methods.base import Method, StepState
@@ -74,6 +74,10 @@ class TrainConfig:
         text_chunk: encode at most this many class prompts at once, each chunk under activation
             checkpointing (0: all at once). For label spaces that do not fit in memory (1,000
             classes); features and gradients stay those of one pass, the step gets slower.
+        init_learnable: a ``.safetensors`` file of start values for every learned tensor (our names,
+            as a run's ``learnable.safetensors``), loaded before the first epoch in place of the
+            method's random init; empty (the default) keeps the random init. Reproduces a run whose
+            random draws ours cannot (e.g. an official run's initial prompt), or warm-starts one.
     """
 
     epochs: int = 5
@@ -99,6 +103,7 @@ class TrainConfig:
     wandb_project: str = ""
     compile: str = ""
     text_chunk: int = 0
+    init_learnable: str = ""
 
     def __post_init__(self):
         for f in fields(self):
@@ -180,9 +185,13 @@ class Trainer:
         config: optimisation settings.
         run_dir: where ``checkpoint.pt``, ``log.jsonl`` and ``tensorboard/`` go; ``None`` keeps nothing on disk.
         progress: show a progress bar.
+        epoch_callback: ``epoch_callback(trainer, epoch, terms)`` after every epoch (0-based ``epoch``,
+            the epoch's mean loss terms), after validation and before the checkpoint: for observers
+            such as run-level parity checks; it must leave the method's learned values alone.
     """
 
-    def __init__(self, method: Method, config: TrainConfig, run_dir: str | Path | None = None, progress: bool = True):
+    def __init__(self, method: Method, config: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
+                 epoch_callback=None):
         self.method = method
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -204,6 +213,10 @@ class Trainer:
         # best-val selection: {"epoch", "accuracy", "learnable"} of the best epoch so far
         self.best: dict | None = None
         self.tracker: RunTracker | None = None
+        self.epoch_callback = epoch_callback
+        if config.init_learnable:  # before any resume: a checkpoint's values win over the start values
+            self.method.load_learnable_state_dict(load_tensors(config.init_learnable),
+                                                  source=f"train.init_learnable {config.init_learnable}")
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -296,6 +309,8 @@ class Trainer:
                 self.method.on_epoch_end(self.step_state(epoch, 0))
                 if self.config.select == "best-val":
                     self._keep_if_best(epoch, validate)
+                if self.epoch_callback is not None:
+                    self.epoch_callback(self, epoch, last)
                 self.save_checkpoint(epoch)
                 distributed.barrier()  # nobody starts the next epoch before the checkpoint exists
         finally:
