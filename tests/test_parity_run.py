@@ -79,3 +79,35 @@ def test_training_transform_without_augmentation_is_a_plain_resize():
     augmented = build_transform(16, train=True)
     torch.manual_seed(0)
     assert not all(torch.equal(augmented(image), augmented(image)) for _ in range(5))
+
+
+def test_other_settings_go_through_the_same_run(shared_dir, tmp_path):
+    """A held-back fixture's settings (seed, shots, epochs, classes, selection) all come from its manifest."""
+    from alignednorm.compat.parity_run import run_ours
+
+    source = shared_dir / "reference" / "coop_run_a"
+    fixture = tmp_path / "fixture"
+    fixture.mkdir()
+    for f in source.iterdir():
+        if f.name != "manifest.json":
+            (fixture / f.name).symlink_to(f)
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["config"].update(SEED=2)
+    manifest["config"]["OPTIM"].update(MAX_EPOCH=3, WARMUP_EPOCH=0)
+    manifest["config"]["DATASET"].update(NUM_SHOTS=2, SUBSAMPLE_CLASSES="base")
+    manifest["config"]["TEST"]["FINAL_MODEL"] = "last_step"
+    manifest["config"]["DATALOADER"]["TRAIN_X"]["BATCH_SIZE"] = 6
+    ours = run_ours(fixture, manifest, tmp_path / "work")
+    assert [e["epoch"] for e in ours["epochs"]] == [1, 2, 3]
+    assert ours["epochs"][0]["lr"] == pytest.approx(0.05)  # no warm-up: the cosine from epoch 1
+    assert "val_logits" not in ours["epochs"][0] and "selected_epoch" not in ours["train"]
+    assert len(ours["fewshot"].train) == 2 * 5  # all classes sampled, then the 3 base ones trained
+    assert set(ours["eval"]) == {"base", "new"}
+    assert ours["final_logits"]["base"].shape == (15, 3) and ours["final_logits"]["new"].shape == (10, 2)
+
+
+def test_bad_fixture_folder_is_named(tmp_path):
+    from alignednorm.compat.parity_run import read_fixture
+
+    with pytest.raises(FixtureError, match="manifest.json is missing"):
+        read_fixture(tmp_path)

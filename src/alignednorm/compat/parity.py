@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from alignednorm.errors import AlignedNormError
+
 # Official config section -> the module (in this package) that reproduces that method's fixtures.
 SECTIONS = {
     "TRAINER.MMRLpp": "parity_mmrl",
@@ -145,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("fixture_dir", type=Path)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the fixture's)")
     args = parser.parse_args(argv)
-    report = run_parity(args.fixture_dir, args.threads)
+    try:
+        report = run_parity(args.fixture_dir, args.threads)
+    except (AlignedNormError, OSError, ValueError) as exc:  # a bad fixture: one line naming the file or key
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
 

@@ -124,8 +124,11 @@ def method_settings(cfg: dict) -> tuple[str, dict, str]:
     module = SECTIONS.get(f"TRAINER.{key}")
     if module is None:
         raise FixtureError(f"manifest.json: config.TRAINER.{key}: no method of ours maps this trainer")
+    # The step fixtures' flat view: only this trainer's section (a CoCoOp run also holds a COOP section).
+    flat = {f"{part}.{k}": v for part, sub in cfg.items() if isinstance(sub, dict) and part != "TRAINER"
+            for k, v in sub.items()}
     name, config, *_ = importlib.import_module(f"alignednorm.compat.{module}").method_from_manifest(
-        {"config": {f"TRAINER.{key}": values}})
+        {"config": {**{k: v for k, v in cfg.items() if k != "TRAINER"}, **flat, f"TRAINER.{key}": values}})
     precision = _PRECISIONS.get(str(values.get("PREC", "fp32")))
     if precision is None:
         raise FixtureError(f"manifest.json: config.TRAINER.{key}.PREC = {values['PREC']!r}; expected fp32, fp16 or amp")
@@ -451,10 +454,30 @@ def compare_run(fixture: Path, manifest: dict, ours: dict) -> tuple[dict, list]:
     return results, summary
 
 
+FILES = ("manifest.json", "clip_tiny.safetensors", "dataset_pixels.safetensors", "learnable.safetensors",
+         "outputs.safetensors")
+SECTIONS_NEEDED = ("config", "dataset", "per_epoch")
+
+
+def read_fixture(fixture: Path) -> dict:
+    """The manifest of a run-level fixture folder, after checking that its files and sections exist."""
+    for name in FILES:
+        if not (fixture / name).is_file():
+            raise FixtureError(f"{fixture / name} is missing (a run-level fixture holds {', '.join(FILES)})")
+    try:
+        manifest = json.loads((fixture / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FixtureError(f"{fixture / 'manifest.json'}: unreadable ({exc})") from None
+    missing = [key for key in SECTIONS_NEEDED if not isinstance(manifest.get(key), (dict, list))]
+    if missing or "index" not in manifest["dataset"]:
+        raise FixtureError(f"{fixture / 'manifest.json'}: no {(missing or ['dataset.index'])[0]!r} section")
+    return manifest
+
+
 def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
     """Reproduce a run-level fixture's official run with ours and compare; the report's ``ok`` says all fit."""
     fixture = Path(fixture_dir)
-    manifest = json.loads((fixture / "manifest.json").read_text())
+    manifest = read_fixture(fixture)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads or int(manifest.get("produced_by", {}).get("threads", 2)))
     try:
