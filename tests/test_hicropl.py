@@ -109,14 +109,86 @@ def test_reference_mode_gradients_and_in_place_mapping(backbone):
     # Gradients exactly where the official code has them: every prompt, nothing in the cross-tower nets.
     assert all(method.get_parameter(n).grad is not None and method.get_parameter(n).grad.any() for n in learnable)
     assert all(p.grad is None for p in cross.values())
-    # An eval forward maps the stored values again, without writing them back.
+    # eval_remaps off: an eval forward maps the stored values again, without writing them back.
     stored = {k: v.clone() for k, v in method.learnable_state_dict().items()}
     method.eval()
-    method.predict(images)
-    assert all(torch.equal(stored[k], v) for k, v in method.learnable_state_dict().items())
-    _, vision = method.prompts_in_use()
-    assert torch.equal(vision[2], method.mapping().vision[2]) and not torch.equal(vision[2], method.vision_prompts["2"])
+    with method.overridden({"eval_remaps": False}):
+        method.predict(images)
+        assert all(torch.equal(stored[k], v) for k, v in method.learnable_state_dict().items())
+        _, vision = method.prompts_in_use()
+        assert torch.equal(vision[2], method.mapping().vision[2])
+        assert not torch.equal(vision[2], method.vision_prompts["2"])
 
+
+def _map_stored(cross, text: dict, vision: dict, times: int) -> tuple[dict, dict]:
+    """The official prompt learner's forward ``times`` times: mapper outputs written over the stored prompts."""
+    text, vision = dict(text), dict(vision)
+    with torch.no_grad():
+        for _ in range(times):
+            mapped = cross(text, vision)
+            vision.update(mapped.vision)
+            text.update(mapped.text)
+    return text, vision
+
+
+def test_official_evaluation_rewrites_the_prompts_per_batch(backbone):
+    """Official (default ``eval_remaps``): eval batch j runs on the prompts mapped j times, and they stay so."""
+    method = create_method("hicropl", backbone)
+    method.set_classnames(CLASSES)
+    with torch.no_grad():
+        for p in method.learnable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    text0, vision0 = ({b: t.detach().clone() for b, t in d.items()} for d in method.stored_prompts())
+    method.eval()
+    images, _ = _batch()
+    logits = [method.predict(images) for _ in range(3)]
+    text, vision = _map_stored(method.cross, text0, vision0, 3)
+    stored_text, stored_vision = method.stored_prompts()
+    assert all(torch.allclose(stored_vision[b], vision[b], atol=1e-6) for b in vision)
+    assert all(torch.allclose(stored_text[b], text[b], atol=1e-6) for b in text)
+    assert not torch.allclose(logits[0], logits[2])  # the prompts drift with the number of batches
+    # The first batch equals the side-effect-free evaluation of the start values.
+    fresh = create_method("hicropl", backbone, {"eval_remaps": False})
+    fresh.set_classnames(CLASSES)
+    fresh.load_learnable_state_dict({**method.learnable_state_dict(),
+                                     **{f"text_prompts.{b}": t for b, t in text0.items()},
+                                     **{f"vision_prompts.{b}": t for b, t in vision0.items()}})
+    fresh.eval()
+    assert torch.allclose(fresh.predict(images), logits[0], atol=1e-5)
+
+
+def test_validation_remaps_carry_into_training(backbone):
+    """Official Dassl validates after each epoch before saving: the kept (best-epoch) prompts include
+    one mapping per validation batch. Expected values from the official algorithm (:func:`_map_stored`)."""
+    from alignednorm.engine.trainer import TrainConfig, Trainer
+
+    images, labels = _batch()
+    dataset = list(zip(images, labels))
+    for remaps in (True, False):
+        torch.manual_seed(0)
+        method = create_method("hicropl", backbone, {"eval_remaps": remaps})
+        method.set_classnames(CLASSES)
+        states = []
+
+        def validate(m, states=states):
+            m.eval()
+            before = tuple({b: t.detach().clone() for b, t in d.items()} for d in m.stored_prompts())
+            with torch.no_grad():
+                for _ in range(2):  # two validation batches
+                    m.predict(images)
+            states.append((before, tuple({b: t.detach().clone() for b, t in d.items()} for d in m.stored_prompts())))
+            return 50.0  # a tie every epoch: the first is kept (Dassl's strict >)
+
+        cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, optimizer="adam", warmup_epochs=0, select="best-val")
+        Trainer(method, cfg, None, progress=False).fit(dataset, resume=False, validate=validate)
+        (text0, vision0), (text1, vision1) = states[0]
+        text, vision = _map_stored(method.cross, text0, vision0, 2 if remaps else 0)
+        assert all(torch.allclose(vision1[b], vision[b], atol=1e-6) for b in vision)
+        assert all(torch.allclose(text1[b], text[b], atol=1e-6) for b in text)
+        kept_text, kept_vision = method.stored_prompts()  # the best (first) epoch, as saved after validation
+        assert all(torch.equal(kept_vision[b], vision1[b]) for b in vision1)
+        assert all(torch.equal(kept_text[b], text1[b]) for b in text1)
+        assert remaps != all(torch.equal(vision0[b], vision1[b]) for b in vision0)
 
 def test_differentiable_mode_gradients_everywhere(backbone):
     method = create_method("hicropl", backbone, {"mapping": "differentiable"})

@@ -194,3 +194,21 @@ def test_compiled_forward_trains_to_the_eager_numbers(backbone):
     assert all(torch.allclose(eager[k], compiled[k], atol=1e-6) for k in eager)
     with pytest.raises(ConfigError, match="train.compile = 'inductr'"):
         TrainConfig(compile="inductr")
+
+
+@pytest.mark.parametrize("ties, kept", [("first", 1), ("last", 3)])
+def test_best_val_ties_follow_the_configured_rule(ties, kept):
+    """Dassl keeps the first of tied best epochs (strict >); HiCroPL's bundled Dassl the last (>=)."""
+    method = create_method("coop", ClipBackbone(make_tiny_clip(seed=0, layers=2)), {"n_ctx": 2})
+    method.set_classnames(["a", "b"])
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    accuracies = iter([50.0, 25.0, 50.0])
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=1e-2, warmup_epochs=0, select="best-val", select_ties=ties)
+    stats = Trainer(method, cfg, None, progress=False).fit(list(zip(images, labels)), resume=False,
+                                                            validate=lambda m: next(accuracies))
+    assert stats["selected_epoch"] == kept and stats["val_accuracy"] == 50.0
+
+
+def test_unknown_tie_rule_is_named():
+    with pytest.raises(ConfigError, match="train.select_ties = 'middle'"):
+        TrainConfig(select_ties="middle")

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SELECTIONS = ("last", "best-val")
+TIE_RULES = ("first", "last")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
@@ -65,7 +66,10 @@ class TrainConfig:
         num_workers: data-loading worker processes.
         log_every: steps between logged training steps (``log.jsonl``, TensorBoard, wandb).
         select: which learned values the run keeps: ``last`` (after the final epoch) or ``best-val``
-            (the epoch with the best accuracy on the validation split, HiCroPL's choice; ties keep the earlier).
+            (the epoch with the best accuracy on the validation split, HiCroPL's choice).
+        select_ties: which of several epochs with the best validation accuracy ``best-val`` keeps:
+            ``first`` (Dassl's strict ``>``, the CoOp, MaPLe, PromptSRC and MMRL runs) or ``last``
+            (``>=``, HiCroPL's bundled Dassl, ``dassl/engine/trainer.py:432``).
         tensorboard: write TensorBoard event files under ``<run>/tensorboard``.
         wandb_project: also log to this Weights & Biases project when set (needs ``wandb``).
         compile: a ``torch.compile`` backend (``inductor``, ``aot_eager``, ...) for the method's
@@ -99,6 +103,7 @@ class TrainConfig:
     num_workers: int = 0
     log_every: int = 10
     select: str = "last"
+    select_ties: str = "first"
     tensorboard: bool = True
     wandb_project: str = ""
     compile: str = ""
@@ -114,6 +119,8 @@ class TrainConfig:
             raise ConfigError(f"train.precision = {self.precision!r}; expected one of {PRECISIONS}")
         if self.select not in SELECTIONS:
             raise ConfigError(f"train.select = {self.select!r}; expected one of {SELECTIONS}")
+        if self.select_ties not in TIE_RULES:
+            raise ConfigError(f"train.select_ties = {self.select_ties!r}; expected one of {TIE_RULES}")
         if self.compile and self.compile not in compile_backends():
             raise ConfigError(f"train.compile = {self.compile!r}; expected '' (off) or a torch.compile backend: "
                               f"{', '.join(compile_backends())}")
@@ -326,7 +333,8 @@ class Trainer:
         accuracy = float(validate(self.method))
         self.method.train()
         self.tracker.log({"epoch": epoch + 1, "val_accuracy": accuracy}, self.global_step, "val")
-        if self.best is None or accuracy > self.best["accuracy"]:
+        later_wins = self.config.select_ties == "last"
+        if self.best is None or accuracy > self.best["accuracy"] or (later_wins and accuracy == self.best["accuracy"]):
             self.best = {"epoch": epoch, "accuracy": accuracy, "learnable": self.method.learnable_state_dict()}
 
     def step_state(self, epoch: int, step: int) -> StepState:

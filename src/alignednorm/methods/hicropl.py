@@ -18,9 +18,13 @@ prompt parameters in place, without gradient (``.data.copy_``), at every forward
   current values), then the encoders use the prompt parameters as leaves; Adam steps the mapped
   values. The mappers, proxies and query tokens get no gradient: in this mode they are frozen
   (``requires_grad=False``, not counted as learnable) but saved with the prompts, because every
-  evaluation maps through them. An eval-mode forward applies the mapping to the stored values
-  without writing them back: the official first test batch (the official code maps again at every
-  later test batch, so its prompts drift with the number of test batches; ours do not).
+  evaluation maps through them. Evaluation too, as the official forward (``eval_remaps``, on by
+  default): every eval-mode forward writes the mapping into the stored prompts first. Official
+  Dassl validates after each epoch before saving, so training continues from prompts mapped once
+  more per validation batch, the saved (best-epoch) prompts include those mappings, and test batch
+  j sees the prompts mapped j more times. ``eval_remaps: false`` is the side-effect-free variant:
+  an eval forward maps the stored values without writing them back (the official first test batch,
+  whatever the number of batches).
 * ``differentiable``: the stored prompts are the mapper's inputs, the mapped prompts a function of
   them in every forward (training or eval), and gradients reach prompts, proxies and mappers. This
   is what the paper describes; at ViT-B/16 it learns 33.4 M parameters instead of the prompts'
@@ -88,6 +92,9 @@ class HiCroPL(DeepPromptMethod):
             mapping: ``reference`` (mapper output written into the prompts without gradient, the
                 official behaviour) or ``differentiable`` (gradients reach mappers and proxies); see
                 the module docstring.
+            eval_remaps: in ``reference`` mode, eval-mode forwards (validation, test) also write the
+                mapping into the stored prompts, as the official forward does (default); false keeps
+                evaluation free of side effects. See the module docstring.
             mapper_heads: attention heads of the proxies and mappers (8 in the official code).
             teacher_checkpoint: CLIP file of the frozen image teacher (TEACHER_NAME); empty: the backbone.
         """
@@ -97,6 +104,7 @@ class HiCroPL(DeepPromptMethod):
         cross_layer: int = 6
         distill_weight: float = 12.0
         mapping: str = "reference"
+        eval_remaps: bool = True
         mapper_heads: int = 8
         teacher_checkpoint: str = ""
 
@@ -154,14 +162,19 @@ class HiCroPL(DeepPromptMethod):
     def prompts_in_use(self) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """The text and visual prompts the encoders consume, ``{layer: (n, W)}`` each.
 
-        ``reference`` mode in training: the stored prompts (:meth:`training_step` has just written the
-        mapping into them); otherwise the stored prompts with the mapped layers replaced.
+        ``reference`` mode in training, or in evaluation with ``eval_remaps``: the stored prompts (the
+        forward has just written the mapping into them); otherwise the stored prompts with the mapped
+        layers replaced.
         """
         text, vision = self.stored_prompts()
-        if self.config.mapping == "reference" and self.training:
+        if self._remaps_in_place():
             return text, vision
         mapped = self.mapping()
         return {**text, **mapped.text}, {**vision, **mapped.vision}
+
+    def _remaps_in_place(self) -> bool:
+        """Whether forwards in the current mode write the mapping into the stored prompts (official)."""
+        return self.config.mapping == "reference" and (self.training or self.config.eval_remaps)
 
     @torch.no_grad()
     def map_in_place(self) -> CrossTowerOutput:
@@ -221,6 +234,8 @@ class HiCroPL(DeepPromptMethod):
 
     def forward(self, images: Tensor, rule: str = "any", trace: Traces | None = None) -> Outputs:
         trace = trace or Traces()
+        if self._remaps_in_place() and not self.training:  # official: every eval forward rewrites the prompts
+            self.map_in_place()
         text = self.text_features(trace.text)
         _, vision = self.prompts_in_use()
         image = self.encode_prompted_image(images, vision[1], {b: t for b, t in vision.items() if b >= 2},
