@@ -86,8 +86,18 @@ def test_predict_inputs(trained, json_dataset, tmp_path, caplog):
 
 def test_damaged_run_files(trained):
     info = trained / "run.json"
+    record = json.loads(info.read_text())
     info.write_text(info.read_text()[:40])
     assert "run.json: unreadable or truncated" in _error("predict", trained, trained / "config.yaml")
+    del record["classnames"]
+    info.write_text(json.dumps(record))
+    message = _error("predict", trained, trained / "config.yaml")
+    assert "run.json: the run record has no 'classnames'" in message and "\n" not in message.strip()
+    import alignednorm
+    from alignednorm.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no 'classnames'"):
+        alignednorm.load(trained)
 
 
 def test_truncated_checkpoint_on_resume_touches_nothing(json_dataset, clip_file, tmp_path, monkeypatch):

@@ -148,6 +148,10 @@ def check_identity(run_dir: Path, identity: dict, what: str = "run") -> None:
                                "or use another --tag / output folder to keep both")
 
 
+# What predict, load, export and analyze read from a run's run.json.
+RUN_INFO_KEYS = ("method", "dataset", "shots", "train_subset", "classnames", "template", "clip", "clip_sha256")
+
+
 def read_run_info(run_dir: str | Path) -> dict:
     """``run.json`` of a run folder, with a clear error when it is missing or damaged."""
     path = Path(run_dir) / "run.json"
@@ -159,6 +163,10 @@ def read_run_info(run_dir: str | Path) -> dict:
         raise CheckpointError(f"{path}: unreadable or truncated ({exc}); re-run the training with --force") from None
     if not isinstance(info, dict) or "method" not in info:
         raise CheckpointError(f"{path}: not a run record (expected a JSON object with 'method')")
+    missing = [key for key in RUN_INFO_KEYS if key not in info]
+    if missing:
+        raise CheckpointError(f"{path}: the run record has no {', '.join(repr(k) for k in missing)}; "
+                              "it is damaged or from another tool: re-run the training with --force")
     return info
 
 
