@@ -101,3 +101,26 @@ def test_parity_reads_every_setting_from_the_manifest(source, shared_dir, tmp_pa
     assert ours["eval_new.output"].shape == (3, 5) and len(names) > 0
     grads = [k for k in ours if k.startswith("grad.")]
     assert len(grads) == len(method.learnable_state_dict()) and any(ours[k].abs().sum() > 0 for k in grads if ".A" in k)
+
+
+def test_coupling_gradient_rule_holds_and_rejects_a_real_error(shared_dir):
+    """MaPLe's coupling weights and biases: their gradients pass through the float16-rounded prompt copies,
+    so they are compared within the interval those roundings allow; a 1% error of one entry is still caught."""
+    from safetensors.torch import load_file
+
+    from alignednorm.compat import parity_deep
+    from alignednorm.compat.parity import fixture_threads, read_manifest, tolerances
+    from alignednorm.compat.rounded_copies import compare_within_bounds
+
+    fixture, manifest = read_manifest(shared_dir / "reference" / "maple_a")
+    with fixture_threads(manifest):
+        ours = parity_deep.compute_outputs(fixture, manifest)
+    reference, tol = load_file(str(fixture / "outputs.safetensors")), tolerances(manifest)
+    bounded = sorted(k.removeprefix("bounds.") for k in ours if k.startswith("bounds."))
+    assert {"prompt_learner.proj.weight", "prompt_learner.proj.bias"} <= set(bounded)
+    for name in bounded:
+        ref, bounds = reference[f"grad.{name}"], ours[f"bounds.{name}"]
+        assert compare_within_bounds(ours[f"grad.{name}"], ref, bounds, tol)["ok"], name
+        wrong = ref.clone()
+        wrong.view(-1)[ref.abs().argmax()] *= 1.01
+        assert not compare_within_bounds(ours[f"grad.{name}"], wrong, bounds, tol)["ok"], name

@@ -28,7 +28,13 @@ from alignednorm.compat.parity import (
     read_manifest,
     tolerances,
 )
-from alignednorm.compat.rounded_copies import compare_rounded_copies, per_copy_gradients
+from alignednorm.compat.rounded_copies import (
+    compare_rounded_copies,
+    compare_within_bounds,
+    coupling_gradient_bounds,
+    per_copy_coupling_gradients,
+    per_copy_gradients,
+)
 from alignednorm.losses.self_regularization import template_mean_text_features
 from alignednorm.methods import StepState, create_method
 from alignednorm.prompts.deep import expand_tokens
@@ -169,10 +175,18 @@ def _train(method, manifest, images, labels, start, names) -> dict:
     params = dict(method.named_parameters())
     optimizer = manifest_sgd(method.learnable_parameters(), step)
     epochs = manifest["config"]["OPTIM"]["MAX_EPOCH"]
-    with per_copy_gradients(method) as copies:
+    with per_copy_gradients(method) as copies, per_copy_coupling_gradients(method) as coupled:
         _, rec = _forward_backward(method, images, labels)
     # Compared by the float16 rounded-copies rule (not tensors of the fixture themselves).
     rec.update({f"copies.{names[n]}": torch.cat(g) for n, g in copies.items()})
+    tol = tolerances(manifest)
+    for block, (inputs, grads) in coupled.items():
+        if not grads:  # a block past the backbone's layers: no gradient reached it
+            continue
+        for kind, bounds in coupling_gradient_bounds(inputs, torch.cat(grads), tol).items():
+            official = names.get(f"couplings.{block}.{kind}")
+            if official is not None:
+                rec[f"bounds.{official}"] = bounds
     for ours, official in names.items():
         grad = params[ours].grad
         rec[f"grad.{official}"] = grad.clone() if grad is not None else torch.zeros_like(params[ours])
@@ -232,8 +246,13 @@ def _compare(key: str, ours: dict[str, torch.Tensor], ref: torch.Tensor, tol: di
     if key not in ours:
         return {"ok": False, "error": "not computed"}
     plain = compare(_tolerance_name(key), ours[key], ref, tol)
-    copies = ours.get(key.replace("grad.", "copies.", 1)) if key.startswith("grad.") else None
-    if plain["ok"] or copies is None:
+    if plain["ok"] or not key.startswith("grad."):
+        return plain
+    bounds = ours.get(key.replace("grad.", "bounds.", 1))
+    if bounds is not None:  # a coupling's weight or bias: its gradient passed through the float16 copies
+        return compare_within_bounds(ours[key], ref, bounds, tol)
+    copies = ours.get(key.replace("grad.", "copies.", 1))
+    if copies is None:
         return plain
     # The rule requires our own gradient to be the rounded copies' sum too: where a tensor also has
     # other gradient paths (MaPLe's text prompts feed its vision prompts), only the plain rule applies.
