@@ -82,8 +82,16 @@ def datasets_create(
 ) -> None:
     """Add your own dataset to a data root in the CoOp layout; every command then finds it by name.
 
-    Files that are not images are skipped and listed; empty classes, classes too small to split,
-    duplicate class names and names of built-in datasets are errors.
+    --from SRC reads SRC/<class name>/<image files>: one folder per class, at least 2 classes (a
+    classifier, and base-to-new's base and new halves, need 2). Images in sub-folders of a class
+    folder belong to that class, and the command says so (nested class folders look the same: pass
+    the folder that holds the classes as --from). --from-csv reads a UTF-8 CSV with a header
+    path,label[,split]; paths are relative to the CSV's folder, repeated rows count once.
+
+    Files beside the class folders, non-image files and links that would loop are skipped and
+    listed. Errors: empty classes, classes too small to split, class names that differ only by case,
+    spaces or underscores, one image in two classes or splits, names of built-in datasets. The new
+    dataset is swapped in only when complete, so --force may re-create it from its own images.
     """
     from alignednorm.data import resolve_data_root
     from alignednorm.data.custom import create_dataset
@@ -92,6 +100,8 @@ def datasets_create(
     report = create_dataset(name, root, source, csv_file, template, val_fraction, test_fraction, seed, force)
     for path, reason in report.skipped.items():
         typer.secho(f"skipped {path}: {reason}", err=True, fg="yellow")
+    for note in report.notes:
+        typer.secho(f"note: {note}", err=True, fg="yellow")
     counts = ", ".join(f"{k} {v}" for k, v in report.counts.items())
     typer.echo(f"dataset {name!r}: {report.spec.num_classes} classes ({counts} images) in {Path(root) / name}; "
                f"use --dataset {name} --data-root {root}")
