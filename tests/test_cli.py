@@ -167,3 +167,23 @@ def test_class_descriptions_file_is_checked_and_recorded(json_dataset, clip_file
     assert "zeroshot" in out
     (info,) = (tmp_path / "runs").rglob("run.json")
     assert json.loads(info.read_text())["description_fallback"] is False
+
+
+def test_help_version_and_usage_errors_import_no_heavy_module():
+    """`--help`, `--version` and usage errors stay instant: nothing imports torch, open_clip or the runner."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from typer.testing import CliRunner
+from alignednorm.cli import app
+codes = [CliRunner().invoke(app, args).exit_code
+         for args in (["--help"], ["--version"], ["run", "base2new", "--help"], ["train", "--help"], ["train"])]
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "torchvision", "timm")
+               or m == "alignednorm.protocols.runner")
+print(codes, heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[0, 0, 0, 0, 2] []"
+    assert "alignednorm " in _invoke("--version")

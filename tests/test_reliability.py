@@ -1,5 +1,6 @@
 """Resume after SIGKILL, determinism, run locks, divergence, atomic writes, predict."""
 
+import dataclasses
 import errno
 import json
 import math
@@ -198,6 +199,6 @@ def test_class_names_that_do_not_match_the_checkpoint(json_dataset, clip_file, t
     with pytest.raises(CheckpointError, match="class names do not match"):
         evaluate_split(method, splits, "oxford_pets", "seen", DataConfig())
     # A prompt learned per class only fits its own class list, whatever the rule.
-    monkeypatch.setattr(type(method), "class_specific", True)
+    monkeypatch.setattr(type(method), "traits", dataclasses.replace(type(method).traits, class_specific=True))
     with pytest.raises(CheckpointError, match=r"learns one prompt per class and was trained on \d+ classes"):
         alignednorm.load(run_dir).predict(torch.zeros(1, 3, 32, 32), classes=["cat", "dog"])

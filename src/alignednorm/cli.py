@@ -12,7 +12,9 @@ import typer
 from alignednorm.errors import AlignedNormError
 from alignednorm.protocols.cli import report_cmd, run_app
 
-app = typer.Typer(help="Prompt learning for CLIP-like models: AlignedNorm, MMRL++, MMRL and baselines.",
+app = typer.Typer(help="Prompt learning for CLIP-like models: AlignedNorm, MMRL++, MMRL and baselines.\n\n"
+                       "Start with `alignednorm demo` (the whole pipeline on the built-in mini benchmark, on CPU), "
+                       "then your own data: `datasets create`, `run <protocol>`, `report`, `export`, `predict`.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 list_app = typer.Typer(help="List what is available.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Inspect dataset folders.", no_args_is_help=True)
@@ -22,6 +24,20 @@ app.add_typer(run_app, name="run")
 mini_app = typer.Typer(help="The built-in mini benchmark.", no_args_is_help=True)
 app.add_typer(mini_app, name="mini")
 app.command("report")(report_cmd)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"alignednorm {version('alignednorm')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """Options of the command itself (the app's help is its Typer help text)."""
 
 DataRoot = Annotated[Path | None, typer.Option("--data-root", help="CoOp-layout data folder (default: $DATA_ROOT).")]
 Clip = Annotated[Path | None, typer.Option("--clip", help="CLIP checkpoint: OpenAI .pt, state dict, safetensors, open_clip; "
