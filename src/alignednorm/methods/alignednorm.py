@@ -25,7 +25,7 @@ from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.errors import ConfigError
 from alignednorm.losses.norm_alignment import PROJ_FORMS, TOKEN_FORMS, proj_alignment, stack_layers, token_alignment
 from alignednorm.methods.base import MethodTraits, check_range, register_method
-from alignednorm.methods.mmrlpp import MMRLpp
+from alignednorm.methods.mmrlpp import OFFICIAL_NAMES, MMRLpp
 
 # Weight of the two quantities the released trainer logs but does not optimise.
 LOGGED_ONLY_WEIGHT = 0.1
@@ -35,7 +35,7 @@ LOGGED_ONLY_WEIGHT = 0.1
 class AlignedNorm(MMRLpp):
     """MMRL++ + L_proj + L_token, evaluated with the unified (fused) rule."""
 
-    traits = MethodTraits(citation="""@inproceedings{alignednorm2026,
+    traits = MethodTraits(official_names=OFFICIAL_NAMES, citation="""@inproceedings{alignednorm2026,
   title = {AlignedNorm: norm alignment for prompt learning with one inference rule for base and new classes},
   booktitle = {ICML}, year = {2026}, note = {see the paper's project page for the full author list}}""")
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.errors import CheckpointError, ConfigError, state_mismatch
+from alignednorm.methods.official_names import OfficialNames
 from alignednorm.prompts.label_space import DEFAULT_TEMPLATE, LabelSpace, frozen_class_embeddings
 
 # Inference rules: the classes asked about are the ones the prompt was trained on (``seen``),
@@ -67,6 +68,8 @@ class MethodTraits:
             descriptions records that it fell back to the templates.
         note: shown in ``list methods`` and report rows (e.g. "unofficial reconstruction").
         citation: BibTeX of the method's paper, for the model card of exported prompts.
+        official_names: how the official code names the learned tensors (``import-official``,
+            parity); ``None`` for methods without official checkpoints to import.
     """
 
     learns: bool = True
@@ -75,12 +78,15 @@ class MethodTraits:
     uses_descriptions: bool = False
     note: str = ""
     citation: str = ""
+    official_names: OfficialNames | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if type(value) is not type(f.default):
-                raise TypeError(f"MethodTraits.{f.name} = {value!r}; expected a {type(f.default).__name__}")
+            expected = OfficialNames if f.name == "official_names" else type(f.default)
+            if not (isinstance(value, expected) or (value is None and f.default is None)) or (
+                    expected is not bool and isinstance(value, bool)):
+                raise TypeError(f"MethodTraits.{f.name} = {value!r}; expected a {expected.__name__}")
 
 
 @dataclass

@@ -23,14 +23,22 @@ from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.errors import ConfigError
 from alignednorm.methods.base import MethodTraits, Outputs, check_range, register_method
 from alignednorm.methods.coop import CoOp
+from alignednorm.methods.official_names import OfficialNames
 from alignednorm.prompts.text_context import TextContext
+
+# Official names (KaiyangZhou/CoOp ``trainers/cocoop.py``): the context plus the meta-net ``linear1`` /
+# ``linear2``, our ``meta_net.0`` / ``meta_net.2`` (a ReLU sits between them).
+OFFICIAL_NAMES = OfficialNames(
+    rules=(*CoOp.traits.official_names.rules,
+           (r"(?:prompt_learner\.)?meta_net\.linear([12])\.(weight|bias)$", lambda m: f"meta_net.{2 * int(m[1]) - 2}.{m[2]}")),
+    example="prompt_learner.meta_net.linear1.weight")
 
 
 @register_method("cocoop")
 class CoCoOp(CoOp):
     """CoCoOp: a unified context plus an image-conditioned shift from a two-layer meta-net."""
 
-    traits = MethodTraits(citation="""@inproceedings{zhou2022cocoop,
+    traits = MethodTraits(official_names=OFFICIAL_NAMES, citation="""@inproceedings{zhou2022cocoop,
   title = {Conditional Prompt Learning for Vision-Language Models},
   author = {Zhou, Kaiyang and Yang, Jingkang and Loy, Chen Change and Liu, Ziwei},
   booktitle = {CVPR}, year = {2022}}""")

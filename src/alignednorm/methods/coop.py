@@ -31,8 +31,14 @@ from alignednorm.methods.base import (
     check_range,
     register_method,
 )
+from alignednorm.methods.official_names import OfficialNames
 from alignednorm.prompts.label_space import LabelSpace
 from alignednorm.prompts.text_context import POSITIONS, TextContext
+
+# Official CoOp / Nemesis names (KaiyangZhou/CoOp, ShyFoo/Nemesis): only the context learns. Dassl saves the
+# prompt learner alone (``prompt_learner/model.pth.tar-N``: ``ctx``, ``token_prefix``, ``token_suffix``); a
+# whole-model state dict names it ``prompt_learner.ctx``. The token buffers are rebuilt from the class names.
+OFFICIAL_NAMES = OfficialNames(rules=((r"(?:prompt_learner\.)?ctx$", "context.ctx"),), example="prompt_learner.ctx")
 
 
 @register_method("coop")
@@ -43,7 +49,7 @@ class CoOp(Method):
     trained on (other lists are refused with a :class:`~alignednorm.errors.CheckpointError`).
     """
 
-    traits = MethodTraits(citation="""@article{zhou2022coop,
+    traits = MethodTraits(official_names=OFFICIAL_NAMES, citation="""@article{zhou2022coop,
   title = {Learning to Prompt for Vision-Language Models},
   author = {Zhou, Kaiyang and Yang, Jingkang and Loy, Chen Change and Liu, Ziwei},
   journal = {International Journal of Computer Vision}, year = {2022}}""")

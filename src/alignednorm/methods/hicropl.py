@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ from alignednorm.backbone.hooks import Traces
 from alignednorm.errors import ConfigError
 from alignednorm.methods.base import MethodTraits, Outputs, StepState, check_range, register_method
 from alignednorm.methods.maple import DeepPromptConfig, DeepPromptMethod
+from alignednorm.methods.official_names import OfficialNames
 from alignednorm.prompts.cross_tower import CrossTowerFlow, CrossTowerOutput
 from alignednorm.prompts.deep import PromptStack, context_init, round_fp16
 from alignednorm.prompts.label_space import LabelSpace
@@ -67,11 +69,36 @@ log = logging.getLogger(__name__)
 MAPPINGS = ("reference", "differentiable")
 
 
+def _number_visual_proxies(state: dict) -> dict:
+    """Number the visual proxies by layer: official index j is layer k + 1 + j (k: the text proxies)."""
+    k = len({n.split(".")[2] for n in state if n.startswith("cross.text_proxies.")})
+    return {re.sub(r"\.\+(\d+)\.", lambda m: f".{k + 1 + int(m[1])}.", n): t for n, t in state.items()}
+
+
+# Official names (zzeoZheng/HiCroPL ``trainers/hicropl.py``): prompts and cross-tower nets of
+# ``prompt_learner`` (``ctx`` is ``cross_prompts_text.0``). Visual proxies are numbered from layer k + 1 in
+# the official lists; they get a ``+`` mark here and their layer once k is known.
+OFFICIAL_NAMES = OfficialNames(
+    rules=(
+        (r"prompt_learner\.ctx$", lambda m: "text_prompts.1"),
+        (r"prompt_learner\.cross_prompts_text\.(\d+)$", lambda m: f"text_prompts.{int(m[1]) + 1}"),
+        (r"prompt_learner\.cross_prompts_visual\.(\d+)$", lambda m: f"vision_prompts.{int(m[1]) + 1}"),
+        (r"prompt_learner\.text2visual_net\.(.+)$", lambda m: f"cross.text_to_vision.{m[1]}"),
+        (r"prompt_learner\.visual2text_net\.(.+)$", lambda m: f"cross.vision_to_text.{m[1]}"),
+        (r"prompt_learner\.attn_pooling_text_nets\.(\d+)\.(.+)$",
+         lambda m: f"cross.text_proxies.{int(m[1]) + 1}.{m[2]}"),
+        (r"prompt_learner\.text_proxy_token\.(\d+)$", lambda m: f"cross.text_proxies.{int(m[1]) + 1}.query"),
+        (r"prompt_learner\.attn_pooling_visual_nets\.(\d+)\.(.+)$", lambda m: f"cross.vision_proxies.+{m[1]}.{m[2]}"),
+        (r"prompt_learner\.visual_proxy_token\.(\d+)$", lambda m: f"cross.vision_proxies.+{m[1]}.query"),
+    ),
+    example="prompt_learner.ctx", finish=_number_visual_proxies)
+
+
 @register_method("hicropl")
 class HiCroPL(DeepPromptMethod):
     """Deep prompts in both towers, mapped across them at layer k, fused with frozen CLIP."""
 
-    traits = MethodTraits(uses_descriptions=True, citation="""@article{zheng2025hierarchical,
+    traits = MethodTraits(uses_descriptions=True, official_names=OFFICIAL_NAMES, citation="""@article{zheng2025hierarchical,
   title={Hierarchical Cross-modal Prompt Learning for Vision-Language Models},
   author={Zheng, Hao and Yang, Shunzhi and He, Zhuoxin and Yang, Jinfeng and Huang, Zhenhua},
   journal={arXiv preprint arXiv:2507.14976},

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from alignednorm.backbone.hooks import Prefix, Trace, Traces
-from alignednorm.methods.base import Method, MethodConfig, Outputs, check_range, register_method
+from alignednorm.methods.base import Method, MethodConfig, MethodTraits, Outputs, check_range, register_method
+from alignednorm.methods.official_names import OfficialNames
 from alignednorm.prompts.deep import (
     Coupling,
     PromptStack,
@@ -97,9 +98,22 @@ class DeepPromptMethod(Method):
             "image_features_unnorm": image, "text_features_unnorm": text, "image_features": f, "text_features": w})
 
 
+# Official names (muzairkhattak/multimodal-prompt-learning ``trainers/maple.py``): block indices shift,
+# official ``compound_prompts_text[i]`` is our block i + 2.
+OFFICIAL_NAMES = OfficialNames(
+    rules=((r"prompt_learner\.ctx$", lambda m: "text_prompts.1"),
+           (r"prompt_learner\.compound_prompts_text\.(\d+)$", lambda m: f"text_prompts.{int(m[1]) + 2}"),
+           (r"prompt_learner\.proj\.(weight|bias)$", lambda m: f"couplings.1.{m[1]}"),
+           (r"prompt_learner\.compound_prompt_projections\.(\d+)\.(weight|bias)$",
+            lambda m: f"couplings.{int(m[1]) + 2}.{m[2]}")),
+    example="prompt_learner.ctx")
+
+
 @register_method("maple")
 class MaPLe(DeepPromptMethod):
     """MaPLe: deep text prompts at blocks 1..J and linearly coupled vision prompts."""
+
+    traits = MethodTraits(official_names=OFFICIAL_NAMES)
 
     @dataclass
     class Config(DeepPromptConfig):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from alignednorm.methods.base import MethodTraits, register_method
-from alignednorm.methods.mmrlpp import MMRLpp, RepresentationConfig
+from alignednorm.methods.mmrlpp import OFFICIAL_NAMES, MMRLpp, RepresentationConfig
 from alignednorm.prompts.representation import LinearAligner
 
 
@@ -21,7 +21,7 @@ from alignednorm.prompts.representation import LinearAligner
 class MMRL(MMRLpp):
     """MMRL with the decoupled (official) or unified inference rule."""
 
-    traits = MethodTraits(citation="""@inproceedings{guo2025mmrl,
+    traits = MethodTraits(official_names=OFFICIAL_NAMES, citation="""@inproceedings{guo2025mmrl,
   title = {MMRL: Multi-Modal Representation Learning for Vision-Language Models},
   author = {Guo, Yuncheng and Gu, Xiaodong}, booktitle = {CVPR}, year = {2025}}""")
 

@@ -31,10 +31,42 @@ from alignednorm.methods.base import (
     check_range,
     register_method,
 )
+from alignednorm.methods.official_names import OfficialNames
 from alignednorm.prompts.label_space import LabelSpace
 from alignednorm.prompts.representation import ResidualAligner, representation_hook
 
 INFERENCE_RULES = ("decoupled", "unified")
+
+# Official MMRL / MMRL++ / AlignedNorm names (yunncheng/MMRL ``trainers/mmrl*.py``; Dassl saves the whole
+# CustomCLIP): the representation learner and the representation branch's low-rank projection.
+OFFICIAL_NAMES = OfficialNames(
+    rules=(
+        (r"representation_learner\.compound_rep_tokens$", "rep_tokens"),
+        (r"representation_learner\.srra_r2vproj\.weight$", "vision_aligner.weight"),
+        (r"representation_learner\.srra_r2tproj\.weight$", "text_aligner.weight"),
+        (r"representation_learner\.srra_r2vproj\.srra\.(\d+)\.(A|B|bias)$", r"vision_aligner.\2.\1"),
+        (r"representation_learner\.srra_r2tproj\.srra\.(\d+)\.(A|B|bias)$", r"text_aligner.\2.\1"),
+        (r"representation_learner\.compound_rep_tokens_r2vproj\.(\d+)\.(weight|bias)$", r"vision_aligner.layers.\1.\2"),
+        (r"representation_learner\.compound_rep_tokens_r2tproj\.(\d+)\.(weight|bias)$", r"text_aligner.layers.\1.\2"),
+        (r"image_encoder\.A$", "proj_A"),
+        (r"image_encoder\.B$", "proj_B"),
+        (r"image_encoder\.proj_rep$", "proj_rep"),
+    ),
+    example="representation_learner.compound_rep_tokens",
+    reverse=(
+        (r"rep_tokens$", "representation_learner.compound_rep_tokens"),
+        (r"vision_aligner\.weight$", "representation_learner.srra_r2vproj.weight"),
+        (r"text_aligner\.weight$", "representation_learner.srra_r2tproj.weight"),
+        (r"vision_aligner\.(A|B|bias)\.(\d+)$", r"representation_learner.srra_r2vproj.srra.\2.\1"),
+        (r"text_aligner\.(A|B|bias)\.(\d+)$", r"representation_learner.srra_r2tproj.srra.\2.\1"),
+        (r"vision_aligner\.layers\.(\d+)\.(weight|bias)$", r"representation_learner.compound_rep_tokens_r2vproj.\1.\2"),
+        (r"text_aligner\.layers\.(\d+)\.(weight|bias)$", r"representation_learner.compound_rep_tokens_r2tproj.\1.\2"),
+        (r"proj_A$", "image_encoder.A"),
+        (r"proj_B$", "image_encoder.B"),
+        (r"proj_rep$", "image_encoder.proj_rep"),
+    ),
+)
+
 
 
 @dataclass
@@ -79,7 +111,7 @@ class RepresentationConfig(MethodConfig):
 class MMRLpp(Method):
     """MMRL++ with the decoupled (official) or unified inference rule."""
 
-    traits = MethodTraits(citation="""@article{guo2025mmrlpp,
+    traits = MethodTraits(official_names=OFFICIAL_NAMES, citation="""@article{guo2025mmrlpp,
   title = {MMRL++: Parameter-Efficient and Interaction-Aware Representation Learning for Vision-Language Models},
   author = {Guo, Yuncheng and Gu, Xiaodong}, journal = {arXiv preprint}, year = {2025}}""")
 

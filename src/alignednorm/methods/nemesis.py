@@ -64,7 +64,7 @@ class NemesisStep:
 class Nemesis(CoOp):
     """CoOp + Nemesis's PUN and/or PAN norm terms with the ω_E schedule."""
 
-    traits = MethodTraits(citation="""@inproceedings{fu2024nemesis,
+    traits = MethodTraits(official_names=CoOp.traits.official_names, citation="""@inproceedings{fu2024nemesis,
   title = {Nemesis: Normalizing the Soft-prompt Vectors of Vision-Language Models},
   author = {Fu, Shuai and Wang, Xiequn and Huang, Qiushi and Zhang, Yu},
   booktitle = {ICLR}, year = {2024}}""")

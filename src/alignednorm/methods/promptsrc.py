@@ -27,8 +27,9 @@ from torch import Tensor
 from alignednorm.backbone.hooks import Traces
 from alignednorm.errors import ConfigError
 from alignednorm.losses.self_regularization import mutual_agreement, template_mean_text_features
-from alignednorm.methods.base import Outputs, StepState, check_range, register_method
+from alignednorm.methods.base import MethodTraits, Outputs, StepState, check_range, register_method
 from alignednorm.methods.maple import DeepPromptConfig, DeepPromptMethod
+from alignednorm.methods.official_names import OfficialNames
 from alignednorm.prompts.deep import GaussianPromptAverage, PromptStack, context_init, round_fp16
 from alignednorm.prompts.templates import TEMPLATE_SETS
 
@@ -37,9 +38,22 @@ TEACHER_TEMPLATES = (*TEMPLATE_SETS, "label_space")
 _GPA_PREFIX = "gpa_sum."
 
 
+# Official names (muhammad-maaz/PromptSRC ``trainers/promptsrc.py``): per-block ``VPT_shallow`` of block
+# index i (0-based) is our block i + 1.
+OFFICIAL_NAMES = OfficialNames(
+    rules=((r"prompt_learner\.ctx$", lambda m: "text_prompts.1"),
+           (r"image_encoder\.VPT$", lambda m: "vision_prompts.1"),
+           (r"text_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$", lambda m: f"text_prompts.{int(m[1]) + 1}"),
+           (r"image_encoder\.transformer\.resblocks\.(\d+)\.VPT_shallow$",
+            lambda m: f"vision_prompts.{int(m[1]) + 1}")),
+    example="prompt_learner.ctx")
+
+
 @register_method("promptsrc")
 class PromptSRC(DeepPromptMethod):
     """IVLP deep prompts in both towers, self-regularised towards frozen CLIP, GPA over epochs."""
+
+    traits = MethodTraits(official_names=OFFICIAL_NAMES)
 
     @dataclass
     class Config(DeepPromptConfig):
