@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
@@ -244,6 +245,28 @@ class ClipBackbone(nn.Module):
         tokens = self.image_final_norm(x)
         return TowerOutput(self.pool_image(tokens), tokens, x, state.start, state.n, trace)
 
+    def encode_image_tokens(self, images: Tensor, trace: Trace | None = None) -> Tensor:
+        """Every output token of the image tower in the joint space, ``(B, 1 + G, E)`` (not normalised).
+
+        Index 0 is the pooled feature (equal to ``encode_image(images).features``), 1.. the G grid
+        positions in row-major order: the local features of optimal-transport scoring (PLOT).
+
+        * ViT / EVA: every token after the final norm, through the image projection (class token first).
+        * ResNet: the attention pool run with every position as a query, not only the mean token
+          (the spatial features of the last stage, positional embedding added, full attention among
+          the ``1 + G`` tokens, then the q/k/v and output projections, as CLIP's pool does for token 0).
+          A ``trace`` records the output of ResNet stage ``i`` as ``hidden[i]`` (``(B, C_i, H_i, W_i)``).
+        """
+        if self.is_vit:
+            return self.project_image(self.encode_image(images, trace=trace).tokens)
+        visual = self.model.visual
+        x = visual.stem(images.to(visual.conv1.weight.dtype))  # (B, W, R/4, R/4)
+        for stage, layer in enumerate((visual.layer1, visual.layer2, visual.layer3, visual.layer4), start=1):
+            x = layer(x)
+            if trace is not None and trace.record_hidden and trace.keeps(stage):
+                trace.hidden[stage] = x
+        return attention_pool_tokens(visual.attnpool, x)
+
     def image_prefix(self, images: Tensor, upto: int, trace: Trace | None = None) -> Prefix:
         """The prompt-free sequence entering block ``upto`` (blocks ``1 .. upto-1`` run)."""
         self.require_vit("image_prefix")
@@ -382,3 +405,20 @@ class ClipBackbone(nn.Module):
         if want_weights:
             trace.attention[layer] = weights  # (B, heads, T, T)
         return x
+
+
+def attention_pool_tokens(pool: nn.Module, x: Tensor) -> Tensor:
+    """All ``1 + H·W`` outputs ``(B, 1 + H·W, E)`` of CLIP's ``AttentionPool2d`` on features ``(B, C, H, W)``.
+
+    CLIP's pool keeps only output 0 (the query of the mean token); the others are the same attention
+    with each grid position as the query (index ``1 + h·W + w``).
+    """
+    x = x.flatten(2).permute(2, 0, 1)  # (H·W, B, C)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pool.positional_embedding[:, None].to(x.dtype)
+    out, _ = F.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
+    return out.transpose(0, 1)  # (B, 1 + H·W, E)

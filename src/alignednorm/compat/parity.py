@@ -7,7 +7,8 @@ learnable values, an input batch and every tensor the official code computed; ev
 read from its ``manifest.json``. The manifest's official config section names the method, and
 this module hands the fixture to that method's parity module (:data:`SECTIONS`):
 ``parity_mmrl`` (MMRL, MMRL++, AlignedNorm), ``parity_deep`` (MaPLe, PromptSRC),
-``parity_coop`` (CoOp, CoCoOp), ``parity_nemesis`` (Nemesis), ``parity_hicropl`` (HiCroPL); a run-level
+``parity_coop`` (CoOp, CoCoOp), ``parity_nemesis`` (Nemesis), ``parity_hicropl`` (HiCroPL), ``parity_plot``
+(PLOT, PLOT + Nemesis); a run-level
 fixture (manifest ``kind``: a whole official training run) goes to ``parity_run``. Prints one JSON report; the exit
 status is 0 iff every tensor is within tolerance. The comparison rules and the report format below are
 shared.
@@ -38,6 +39,8 @@ SECTIONS = {
     "TRAINER.COOP": "parity_coop",
     "TRAINER.COCOOP": "parity_coop",
     "TRAINER.HICROPL": "parity_hicropl",
+    "TRAINER.PLOT": "parity_plot",
+    "TRAINER.PLOTNemesis": "parity_plot",
 }
 # A manifest ``kind`` starting so is a whole official training run (compared by ``parity_run``).
 RUN_LEVEL_KIND = "run-level golden fixture"
