@@ -200,7 +200,7 @@ def test_report_command(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["report", str(tmp_path), "--compare", "paper"])
     assert result.exit_code == 0, result.output
-    assert "| dtd | 80.00 ± 0.00 | 84.63 | -4.63 |" in result.output
+    assert "| dtd | 80.00 | 84.63 | -4.63 |" in result.output  # one seed: no ±
     written = {p.name for p in (tmp_path / "report").iterdir()}
     assert {"report.md", "table1_base2new_alignednorm_shots16.csv", "table1_base2new_alignednorm_shots16.tex"} <= written
     result = runner.invoke(app, ["report", str(tmp_path), "--format", "csv", "--no-write", "--report-dir", "x"])
@@ -267,3 +267,40 @@ def test_report_rows_carry_a_methods_note(tmp_path):
     assert table.title == "Base-to-new: empl (unofficial reconstruction) (16 shots)"
     written = {p.name for p in write_report(tables, tmp_path / "out")}
     assert "table1_base2new_empl_unofficial_reconstruction_shots16.md" in written
+
+
+def test_compare_states_why_published_numbers_are_missing(tmp_path):
+    from alignednorm.protocols.tables import base_to_new_matrix
+
+    write_eval(tmp_path, "base2new", "alignednorm", "dtd", 1, {"base": 80.0, "new": 60.0}, shots=4)
+    write_eval(tmp_path, "base2new", "coop", "dtd", 1, {"base": 80.0, "new": 60.0})
+    run = write_eval(tmp_path, "base2new", "mmrlpp", "dtd", 1, {"base": 81.0, "new": 61.0}, variant="custom-12345678")
+    (run.parent.parent / "run.json").write_text(json.dumps({"command": "alignednorm run base2new --method mmrlpp "
+                                                                       "--set method.beta=0.2 --config /x/my.yaml"}))
+    tables = build_report(tmp_path, compare="paper")
+    four = table(tables, "table1_base2new_alignednorm_shots4")
+    assert all(c.missing for c in row(four, "dtd")[1:3])  # never the 16-shot numbers beside 4-shot runs
+    assert "the paper's numbers are for 16 shots, these runs used 4" in four.notes[-1]
+    assert "publishes no base2new row" in table(tables, "table1_base2new_coop").notes[-1]
+    custom = table(tables, "table1_base2new_mmrlpp [method.beta=0.2, config my.yaml]")  # settings, not the hash
+    assert "--set/--config variant is not the paper's setting" in custom.notes[-1]
+    (matrix,) = [m for m in base_to_new_matrix(tables) if m.meta["shots"] == 16]
+    assert [(name, cells[0]) for name, cells in matrix.rows][:2] == [("dtd", "coop"),
+                                                                     ("", "mmrlpp [method.beta=0.2, config my.yaml]")]
+    assert "not run by any method: imagenet" in matrix.notes[-1]  # no rows of "—" for datasets nobody ran
+
+
+def test_html_table_and_run_accuracy_table(tmp_path):
+    from alignednorm.protocols.tables import run_accuracy_table
+    from alignednorm.results import to_html
+
+    for seed in (1, 2):
+        write_eval(tmp_path, "base2new", "alignednorm", "dtd", seed, {"base": 80.0 + seed, "new": 60.0})
+    html = to_html(table(build_report(tmp_path), "table1_base2new_alignednorm"))
+    assert "<td>81.50 ± 0.50</td>" in html and '<td class="missing">—</td>' in html and '<tr class="avg">' in html
+    run = tmp_path / "base2new" / "dtd" / "shots16" / "alignednorm" / "default" / "seed1"
+    accuracy = run_accuracy_table({"a": run})
+    assert accuracy.header == ["variant", "dtd base", "dtd new", "dtd HM"]
+    assert row(accuracy, "a")[0] == "alignednorm, base2new, 16 shots" and row(accuracy, "a")[3].mean == pytest.approx(
+        2 * 81 * 60 / 141)
+    assert "±" not in to_html(accuracy)  # one seed: no spread

@@ -191,9 +191,12 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, options: Analys
         records["zero-shot CLIP"] = _record_run(first, reference, options, skipped, "zero-shot CLIP")
     figures = _figures(records, prompt_norms, output, options, skipped)
     from alignednorm.analysis import write_report
+    from alignednorm.protocols.tables import run_accuracy_table
 
+    accuracy = run_accuracy_table(dict(zip(configs, map(Path, run_dirs), strict=True)))  # configs: one per run, in order
     return write_report(output / "index.html", figures, configs=configs, skipped=skipped,
-                        title=f"alignednorm analysis: {', '.join(records)}")
+                        title=f"alignednorm analysis: {', '.join(records)}", tables=[accuracy] if accuracy else [],
+                        runs=run_dirs)
 
 
 def _unique(label: str, taken) -> str:
@@ -248,17 +251,36 @@ def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skip
         r = {k: norm_ratio(_cat(s.z_p), _cat(s.z_c)) for k, s in subsets.items()}
         if "new" in r:
             ratios[label] = {**r, "summary": ratio_summary(r["base"], r["new"])}
+    few = {label: min(len(v) for k, v in r.items() if k != "summary") for label, r in ratios.items()}
+    few = {label: n for label, n in few.items() if n < P.MIN_HISTOGRAM_IMAGES}
+    warning = (f" Too few images for a reliable histogram ({', '.join(f'{k}: {n}' for k, n in few.items())} per subset;"
+               f" at least {P.MIN_HISTOGRAM_IMAGES} wanted): raise --max-images." if few else "")
     add("norm_ratio", "Norm ratio r(x) = |z_p| / |z_c|, base vs new (Fig. 3a)", P.plot_norm_ratio, ratios,
-        {k: v["summary"] for k, v in ratios.items()}, "A gap between the base and new means lets r(x) tell them apart.")
+        {k: v["summary"] for k, v in ratios.items()},
+        "A gap between the base and new means lets r(x) tell them apart." + warning)
     vit = {label: s for label, s in records.items() if s["base"].layer_norms is not None}
     for label in set(records) - set(vit):
         skipped[f"norms and attention of {label}"] = "the image tower is not a ViT: no per-layer traces"
     norms = {label: {k: s.layer_norms for k, s in subsets.items()} for label, subsets in vit.items()}
     add("layer_norms", "Per-layer norms of the class token and the prompt tokens (Fig. 3b)", P.plot_layer_norms,
         norms, norms, "Prompt tokens outgrowing the class token layer by layer is the norm imbalance.")
-    shares = {label: subsets["base"].attention for label, subsets in vit.items()}
+    shares, untraced = {}, {}
+    for label, subsets in vit.items():
+        share = subsets["base"].attention
+        if not any(np.isfinite(np.asarray(share[k], dtype=float)).any() for k in ("cls", "patch")):
+            skipped[f"attention to prompts of {label}"] = "no prompt tokens in the image tower: nothing to attend to"
+            continue
+        shares[label] = share
+        norms_of = subsets["base"].layer_norms
+        prompted = np.asarray(norms_of["layers"])[np.isfinite(np.asarray(norms_of["prompt_mean"], dtype=float))]
+        missing = sorted(set(prompted.astype(int).tolist()) - set(np.asarray(share["layers"]).astype(int).tolist()))
+        if missing:
+            untraced[label] = missing
+    gaps = "".join(f" {k}: prompted layers {', '.join(map(str, v))} were not traced for attention." for k, v in
+                   untraced.items())
     add("attention_share", "Attention given to prompt tokens per layer and head (Fig. 3c)", P.plot_attention_share,
-        shares, shares, "Share of the class token's and the patches' attention that lands on prompt tokens.")
+        shares, shares, "Share of the class token's and the patches' attention that lands on prompt tokens, per "
+        "traced layer (rows) and head (columns)." + gaps)
     if vit:
         images = next(iter(vit.values()))["base"].overlays[0]
         maps = {label: subsets["base"].overlays[1] for label, subsets in vit.items()}

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import math
 import re
+import shlex
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -49,18 +51,49 @@ class Record:
     accuracy: float
     suite: str | None = None
     path: str = ""
+    settings: str = ""
 
     @property
     def label(self) -> str:
-        return run_label(self.method, self.variant)
+        return run_label(self.method, self.variant, self.settings)
+
+    @property
+    def custom(self) -> bool:
+        """A variant named by a hash of ``--set``/``--config`` (no ``--tag``)."""
+        return self.variant.startswith("custom-")
 
 
-def run_label(method: str, variant: str) -> str:
+def run_label(method: str, variant: str, settings: str = "") -> str:
     """``method`` for the default config, ``method-variant`` otherwise (the paper data's keys), with the
-    method's note when it has one (e.g. EMPL's "unofficial reconstruction"), so every report row says it."""
-    label = method if variant == "default" else f"{method}-{variant}"
+    method's note when it has one (e.g. EMPL's "unofficial reconstruction"), so every report row says it.
+
+    A ``custom-<hash>`` variant (``--set``/``--config`` without ``--tag``) is named by its ``settings``
+    instead of the hash: ``alignednorm [train.epochs=5, method.beta=0.2]``.
+    """
+    if variant.startswith("custom-") and settings:
+        suffix = variant.partition("+")[2]
+        label = f"{method} [{settings}]" + (f"+{suffix}" if suffix else "")
+    else:
+        label = method if variant == "default" else f"{method}-{variant}"
     note = _method_note(method)
     return f"{label} ({note})" if note else label
+
+
+def variant_settings(run_dir: Path) -> str:
+    """The user's settings of a run, from the command its ``run.json`` records: ``--set`` values and
+    ``--config`` file names, in the order given (empty when the run records no command)."""
+    try:
+        command = json.loads((run_dir / "run.json").read_text()).get("command") or ""
+        words = shlex.split(command)
+    except (OSError, ValueError, AttributeError):
+        return ""
+    out = []
+    for option, value in itertools.pairwise(words):
+        if option == "--set":
+            out.append(value)
+        elif option == "--config":
+            out.append(f"config {Path(value).name}")
+    return ", ".join(out)
 
 
 def _method_note(method: str) -> str:
@@ -87,6 +120,11 @@ def records_from(data: dict, path: Path, root: Path) -> list[Record]:
     else:
         parts = path.relative_to(root).parts
         protocol, variant, suite = (parts[0] if len(parts) > 1 else "unknown"), "default", None
+    settings = ""
+    if variant.startswith("custom-"):  # the eval file sits in <run>/eval/<target>/ or names its training run
+        places = ([Path(data["train_run"])] if data.get("train_run") else []) + list(path.parents)[:3]
+        run_dir = next((d for d in places if (d / "run.json").is_file()), None)
+        settings = variant_settings(run_dir) if run_dir else ""
     out = []
     for name, result in evals.items():
         accuracy = result.get("accuracy") if isinstance(result, dict) else None
@@ -95,7 +133,7 @@ def records_from(data: dict, path: Path, root: Path) -> list[Record]:
         out.append(Record(protocol=protocol, method=data["method"], variant=variant, dataset=data["dataset"],
                           target=data.get("target") or result.get("dataset") or data["dataset"], metric=name,
                           shots=int(data.get("shots", 0)), seed=int(data["seed"]), accuracy=float(accuracy),
-                          suite=suite, path=str(path)))
+                          suite=suite, path=str(path), settings=settings))
     return out
 
 
@@ -186,6 +224,8 @@ class Table:
         header: the value columns' names; ``row_header`` names the label column.
         rows: ``(label, cells)``, a cell being a :class:`Cell` or plain text.
         notes: lines printed under the table.
+        meta: what the rows were built from (``protocol``, ``label``, ``shots``), for views that
+            regroup finished tables (the results page) without computing anything again.
     """
 
     key: str
@@ -194,6 +234,7 @@ class Table:
     rows: list[tuple[str, list[Cell | str]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     row_header: str = ""
+    meta: dict = field(default_factory=dict)
 
 
 # -------------------------------------------------------------------------------------- paper data
@@ -214,7 +255,7 @@ def format_cell(cell: Cell | str, latex: bool = False) -> str:
     if cell.missing:
         return "--" if latex else "—"
     text = f"{cell.mean:+.2f}" if cell.signed else f"{cell.mean:.2f}"
-    if cell.std is not None:
+    if cell.std is not None and (cell.n or 0) >= 2:  # one seed has no spread to show
         text += f"$\\pm${cell.std:.2f}" if latex else f" ± {cell.std:.2f}"
     return text
 
@@ -289,6 +330,38 @@ def to_latex(table: Table) -> str:
     lines += [r"\bottomrule", r"\end{tabular}"]
     lines += [f"\\par\\footnotesize {_latex_escape(note)}" for note in table.notes]
     return "\n".join(lines + [r"\end{table}"]) + "\n"
+
+
+def to_html(table: Table, anchor: str | None = None) -> str:
+    """An HTML ``<table>`` with its caption and notes (escaped; for the report and analysis pages).
+
+    Missing cells read "—" (class ``missing``), differences carry ``pos``/``neg``, and rows whose label
+    starts with "Average" carry ``avg``; a "seeds" column is added when measured cells exist.
+    """
+    from html import escape
+
+    seeds = _has_seeds(table)
+    header = [table.row_header, *table.header, *(["seeds"] if seeds else [])]
+    ident = f' id="{escape(anchor or "t-" + file_stem(table.key), quote=True)}"'
+    lines = [f'<table class="results"{ident}><caption>{escape(table.title)}</caption>',
+             "<thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+    for label, cells in table.rows:
+        row_class = ' class="avg"' if label.startswith("Average") else ""
+        tds = "".join(_html_cell(c) for c in cells) + (f"<td>{escape(seeds_text(cells))}</td>" if seeds else "")
+        lines.append(f"<tr{row_class}><th>{escape(label)}</th>{tds}</tr>")
+    lines.append("</tbody></table>")
+    lines += [f'<p class="note">{escape(note)}</p>' for note in table.notes]
+    return "\n".join(lines)
+
+
+def _html_cell(cell: Cell | str) -> str:
+    from html import escape
+
+    if isinstance(cell, str):
+        numeric = re.fullmatch(r"[-+]?[\d.,]+|[-—]?", cell.strip()) is not None
+        return f"<td>{escape(cell)}</td>" if numeric else f'<td class="text">{escape(cell)}</td>'
+    kind = "missing" if cell.missing else ("pos" if cell.signed and cell.mean >= 0 else "neg" if cell.signed else "")
+    return (f'<td class="{kind}">' if kind else "<td>") + escape(format_cell(cell)) + "</td>"
 
 
 def render(table: Table, fmt: str) -> str:

@@ -53,6 +53,9 @@ def _color(subset: str, i: int) -> str:
     return SUBSET_COLORS.get(subset, f"C{i + 2}")
 
 
+MIN_HISTOGRAM_IMAGES = 30  # below this many images per subset a histogram's shape is mostly noise
+
+
 def plot_norm_ratio(ratios: Mapping[str, Mapping[str, np.ndarray]], path: str | Path, bins: int = 40) -> Path:
     """Histograms of r(x) on base vs new test images, one panel per run (AlignedNorm Fig. 3a).
 
@@ -61,21 +64,28 @@ def plot_norm_ratio(ratios: Mapping[str, Mapping[str, np.ndarray]], path: str | 
             mapping values (e.g. a ``"summary"`` from :func:`~.norms.ratio_summary`) are skipped,
             so the figure's numbers can be passed as they are.
         path: the PNG to write.
-        bins: histogram bins, shared by every subset of a panel.
+        bins: histogram bins, shared by every subset of a panel (fewer when there are few images).
+
+    A panel whose smallest subset has fewer than ``MIN_HISTOGRAM_IMAGES`` images says so in red.
     """
     fig, axes = _figure(len(_nonempty(ratios, "ratios")))
     for ax, (run, subsets) in zip(axes, ratios.items(), strict=True):
         values = {k: np.asarray(v, dtype=float) for k, v in subsets.items() if not isinstance(v, Mapping)}
         if not values or any(v.ndim != 1 or v.size == 0 for v in values.values()):
             raise DataError(f"ratios[{run!r}] has no non-empty 1-D arrays; expected {{'base': (N,), 'new': (N,)}}")
-        edges = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=bins)
+        fewest = min(v.size for v in values.values())
+        edges = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=min(bins, max(5, fewest)))
         for i, (subset, v) in enumerate(values.items()):
             ax.hist(v, bins=edges, alpha=0.55, density=True, color=_color(subset, i),
                     label=f"{subset} (mean {v.mean():.3f})")
             ax.axvline(v.mean(), color=_color(subset, i), linestyle="--", linewidth=1)
         gap = f", gap {values['base'].mean() - values['new'].mean():+.3f}" if {"base", "new"} <= set(values) else ""
-        ax.set(title=f"{run}{gap}", xlabel="r(x) = ||z_p|| / ||z_c||", ylabel="density")
-        ax.legend(fontsize=8)
+        ax.set_title(f"{run}{gap}", fontsize=9, wrap=True)
+        ax.set(xlabel="r(x) = ||z_p|| / ||z_c||", ylabel="density")
+        if fewest < MIN_HISTOGRAM_IMAGES:
+            ax.text(0.02, 0.97, f"only {fewest} images in a subset:\nthe histogram's shape is unreliable",
+                    transform=ax.transAxes, va="top", fontsize=7, color="tab:red")
+        ax.legend(fontsize=8, loc="upper right")
     return _save(fig, path)
 
 
@@ -108,26 +118,33 @@ def plot_attention_share(shares: Mapping[str, Mapping[str, np.ndarray]], path: s
 
     Args:
         shares: ``{run: prompt_attention_share(...)}`` with ``layers``, ``cls`` and ``patch``
-            ``(L, heads)`` and ``uniform`` ``(L,)``.
+            ``(L, heads)`` and ``uniform`` ``(L,)``; every layer given is drawn, ticked by its number.
         path: the PNG to write.
 
-    Each run has two panels: queries from the class token and from the patch tokens.
+    Each run is one row of two panels (queries from the class token, from the patch tokens) under the
+    run's name; runs without prompt tokens (all NaN) belong in the page's skipped list, not here.
     """
-    fig, axes = _figure(2 * len(_nonempty(shares, "shares")), width=4.2, height=0.45 * _max_layers(shares) + 1.6,
-                        cols=2)
-    for i, (run, s) in enumerate(shares.items()):
-        layers = np.asarray(s["layers"])
-        for ax, key in zip(axes[2 * i : 2 * i + 2], ("cls", "patch"), strict=True):
+    runs = _nonempty(shares, "shares")
+    fig = Figure(figsize=(9.0, len(runs) * (0.32 * _max_layers(runs) + 1.9)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for row, (run, s) in zip(fig.subfigures(len(runs), 1, squeeze=False).ravel(), runs.items(), strict=True):
+        row.suptitle(run, fontsize=10, fontweight="bold")
+        layers = np.asarray(s["layers"]).astype(int)
+        for ax, key in zip(row.subplots(1, 2), ("cls", "patch"), strict=True):
             values = np.asarray(s[key], dtype=float)  # (L, heads)
-            image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0,
-                              vmax=max(float(np.nanmax(values)) if np.isfinite(values).any() else 0.0, 1e-6))
+            top = float(np.nanmax(values)) if np.isfinite(values).any() else 0.0
+            image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(top, 1e-6))
             ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-            if not np.isfinite(values).any():
-                ax.text(0.5, 0.5, "no prompt tokens", transform=ax.transAxes, ha="center", va="center")
-            ax.set(title=f"{run}: {'class token' if key == 'cls' else 'patch tokens'} → prompts",
-                   xlabel="head", ylabel="layer")
-            ax.figure.colorbar(image, ax=ax, shrink=0.8)
+            ax.set_xticks(_int_ticks(values.shape[1]), [str(h + 1) for h in _int_ticks(values.shape[1])])
+            ax.set_title("class token → prompts" if key == "cls" else "patch tokens → prompts", fontsize=9)
+            ax.set(xlabel="head", ylabel="layer")
+            row.colorbar(image, ax=ax, shrink=0.85, label="share")
     return _save(fig, path)
+
+
+def _int_ticks(count: int, most: int = 12) -> list[int]:
+    """Tick positions 0..count-1, thinned to at most ``most`` labels."""
+    return list(range(0, count, max(1, math.ceil(count / most))))
 
 
 def _max_layers(shares: Mapping) -> int:
@@ -208,13 +225,19 @@ def _zoom(ax, values: list[float]) -> None:
         ax.set_ylim(v.min() - pad, v.max() + pad)
 
 
+TSNE_PALETTES = {"base": "Blues", "new": "Oranges"}  # base classes in blues, new classes in oranges
+
+
 def plot_tsne(results: Mapping[str, Mapping[str, np.ndarray]], path: str | Path) -> Path:
-    """t-SNE scatter of base (circles) and new (triangles) embeddings, coloured by class (Fig. 4).
+    """t-SNE scatter of base (blue circles) and new (orange triangles) embeddings (Fig. 4).
 
     Args:
         results: ``{run: tsne_embed(...)}`` with ``coords`` ``(N, 2)``, ``labels`` ``(N,)`` and
             ``group`` ``(N,)``.
         path: the PNG to write.
+
+    Base and new classes never share a colour: each group has its own palette (shades tell its classes
+    apart) and marker, so new class ``i`` is not drawn like base class ``i``.
     """
     fig, axes = _figure(len(_nonempty(results, "results")), width=4.6, height=4.4)
     for ax, (run, res) in zip(axes, results.items(), strict=True):
@@ -222,11 +245,16 @@ def plot_tsne(results: Mapping[str, Mapping[str, np.ndarray]], path: str | Path)
         for name, marker in (("base", "o"), ("new", "^")):
             sel = group == name
             if sel.any():
-                ax.scatter(coords[sel, 0], coords[sel, 1], c=labels[sel] % 20, cmap="tab20", vmin=0, vmax=19,
-                           marker=marker, s=10, alpha=0.8)
-                ax.plot([], [], marker, color="gray", linestyle="none", label=f"{name} ({int(sel.sum())})")
-        ax.set(title=f"{run} (perplexity {float(res.get('perplexity', np.nan)):.3g})", xticks=[], yticks=[])
-        ax.legend(fontsize=8, title="colour = class", title_fontsize=7)
+                classes = np.unique(labels[sel])
+                shade = np.searchsorted(classes, labels[sel]) / max(1, len(classes) - 1)
+                cmap = colormaps[TSNE_PALETTES[name]]
+                ax.scatter(coords[sel, 0], coords[sel, 1], c=cmap(0.35 + 0.6 * shade), marker=marker, s=12,
+                           alpha=0.85, edgecolors="none")
+                ax.plot([], [], marker, color=cmap(0.8), linestyle="none",
+                        label=f"{name}: {len(classes)} classes, {int(sel.sum())} images")
+        ax.set_title(f"{run}\n(perplexity {float(res.get('perplexity', np.nan)):.3g})", fontsize=9)
+        ax.set(xticks=[], yticks=[])
+        ax.legend(fontsize=7, title="shade = class", title_fontsize=7)
     return _save(fig, path)
 
 
@@ -254,4 +282,33 @@ def plot_prompt_norms_over_epochs(per_epoch: Sequence[np.ndarray] | Mapping[str,
             ax.plot(xs, table[:, j], color=colormaps["viridis"](norm(j + 1)), linewidth=1.2)
         ax.set(title=run or "prompt norm per position", xlabel="epoch", ylabel="norm")
         fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="position")
+    return _save(fig, path)
+
+
+def plot_dataset_bars(values: Mapping, path: str | Path) -> Path:
+    """Per-dataset grouped bars of Base, New and HM accuracy per method, with the paper's as black ticks.
+
+    Args:
+        values: ``{"datasets": [...], "ours": {method: {"Base"|"New"|"HM": [value or None per dataset]}},
+            "paper": {method: {...}}}`` (:func:`alignednorm.protocols.tables.per_dataset_values`).
+        path: the PNG to write.
+    """
+    datasets, ours, paper = list(values["datasets"]), _nonempty(values["ours"], "ours"), values.get("paper") or {}
+    width, paper_shown = 0.8 / len(ours), False
+    fig, axes = _figure(3, width=max(6.0, 0.55 * len(datasets) * len(ours) + 2.5), height=2.9, cols=1)
+    for ax, key in zip(axes, ("Base", "New", "HM"), strict=True):
+        for i, (label, keys) in enumerate(ours.items()):
+            xs = np.arange(len(datasets)) + (i - (len(ours) - 1) / 2) * width
+            heights = np.array([np.nan if v is None else v for v in keys[key]], dtype=float)
+            bars = ax.bar(xs, np.nan_to_num(heights), width, color=f"C{i}", label=label if key == "Base" else None)
+            ax.bar_label(bars, labels=["" if np.isnan(h) else f"{h:.1f}" for h in heights], fontsize=6)
+            published = [np.nan if v is None else v for v in (paper.get(label) or {}).get(key, [])]
+            if np.isfinite(np.asarray(published, dtype=float)).any():
+                ax.scatter(xs, published, marker="_", s=180, color="black", zorder=3,
+                           label=None if paper_shown else "paper")
+                paper_shown = True
+        ax.set_xticks(range(len(datasets)), datasets, rotation=20, ha="right", fontsize=8)
+        ax.set(ylabel=f"{key} accuracy (%)", ylim=(0, 105))
+    longest = max(len(label) for label in ours)
+    fig.legend(loc="outside upper center", ncols=max(1, min(len(ours) + 1, 90 // (longest + 6))), fontsize=8)
     return _save(fig, path)

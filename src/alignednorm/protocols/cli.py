@@ -187,22 +187,27 @@ def report_cmd(
     compare: Annotated[str | None, typer.Option(help="put published numbers beside ours: paper")] = None,
     fmt: Annotated[str, typer.Option("--format", help="printed format: md, csv or latex")] = "md",
     suite: Annotated[str | None, typer.Option(help="suite whose datasets are the rows (default: the runs')")] = None,
-    write: Annotated[bool, typer.Option("--write/--no-write", help="also write .md/.csv/.tex files")] = True,
+    write: Annotated[bool, typer.Option("--write/--no-write", help="also write .md/.csv/.tex files and report.html")
+                     ] = True,
     report_dir: Annotated[Path | None, typer.Option(help="where files go (default OUTPUT_DIR/report)")] = None,
     cost: Annotated[bool, typer.Option(help="also the cost table (train/test seconds, parameters, memory; Table 5)")
                     ] = False,
+    analysis: Annotated[list[Path] | None, typer.Option(
+        help="folders holding `alignednorm analyze` pages to link (OUTPUT_DIR and the report folder are searched)")
+                        ] = None,
 ) -> None:
-    """Build the paper's tables from the runs' metrics.json files (mean ± std over seeds)."""
-    from alignednorm.results import FORMATS, render_all, write_report
+    """Build the paper's tables from the runs' metrics.json files (mean ± std over seeds), and report.html."""
+    from alignednorm.results import FORMATS, collect, render_all, write_report
 
-    from .tables import build_report
+    from .tables import build_tables, write_results_page
 
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r}; expected one of {', '.join(FORMATS)}", param_hint="--format")
     if compare not in (None, "paper"):
         raise typer.BadParameter(f"{compare!r}; the only published numbers shipped are 'paper'", param_hint="--compare")
     _register_extras()
-    tables = build_report(output_dir, suite=suite, compare=compare)
+    records = collect(output_dir)
+    tables = build_tables(records, suite=suite, compare=compare)
     if cost:
         from .cost import cost_table
 
@@ -215,4 +220,5 @@ def report_cmd(
     if write:
         folder = report_dir or output_dir / "report"
         write_report(tables, folder)
-        typer.echo(f"wrote {len(tables)} tables (md, csv, tex) to {folder}", err=True)
+        page = write_results_page(output_dir, records, tables, folder, tuple(analysis or ()))
+        typer.echo(f"wrote {len(tables)} tables (md, csv, tex) to {folder} and the page {page}", err=True)

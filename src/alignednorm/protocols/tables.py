@@ -9,6 +9,7 @@ and 4 ImageNet variants), so runs that do not exist show up as missing cells. Co
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from alignednorm.data.catalog import Suite, get_suite, list_datasets, list_suites
@@ -20,6 +21,7 @@ from alignednorm.results import (
     Table,
     collect,
     difference,
+    file_stem,
     harmonic_mean,
     load_paper_results,
     mean_of,
@@ -74,11 +76,27 @@ def pick_suite(records: list[Record], suite: str | None, fits) -> Suite | None:
     return None
 
 
-def _published_for(paper: dict | None, suite: Suite | None) -> dict | None:
-    """The published numbers when the tables are the paper's datasets; an empty set (missing cells) otherwise."""
+@dataclass
+class Published:
+    """The published numbers a table may show beside ours, or why it shows none.
+
+    Attributes:
+        numbers: the paper data (``configs/paper/results.json``); empty when ``reason`` is set.
+        reason: why no published number applies to the whole table (e.g. your own datasets).
+    """
+
+    numbers: dict
+    reason: str = ""
+
+
+def _published_for(paper: dict | None, suite: Suite | None) -> Published | None:
+    """The published numbers when the tables are the paper's datasets; the reason for none otherwise."""
     if paper is None:
         return None
-    return paper if suite is not None and suite.name == "paper" else {}
+    if suite is not None and suite.name == "paper":
+        return Published(paper)
+    rows = "datasets outside every suite (your own)" if suite is None else f"the {suite.name!r} suite's datasets"
+    return Published({}, f"the rows are {rows}, not the paper's benchmark")
 
 
 def _average_label(present: int, total: int) -> str:
@@ -86,12 +104,37 @@ def _average_label(present: int, total: int) -> str:
 
 
 # -------------------------------------------------------------------------------------- tables
-class _Paper:
-    """Published numbers of one protocol and row label; ``enabled`` False means no comparison."""
+PAPER_SHOTS = 16  # base-to-new, cross-dataset and domain generalisation in the paper: 16 shots
 
-    def __init__(self, paper: dict | None, protocol: str, label: str):
-        self.enabled = paper is not None
-        self.node = (paper or {}).get(protocol, {}).get(label)
+
+class _Paper:
+    """Published numbers of one protocol and row label; ``enabled`` False means no comparison.
+
+    ``reason`` says why a compared row has no published numbers: your own datasets, a ``--set`` variant
+    (not the paper's setting), other shots, or a row the paper does not restate.
+    """
+
+    def __init__(self, published: Published | None, protocol: str, label: str, custom: bool = False,
+                 shots: int | None = None):
+        self.enabled = published is not None
+        numbers = published.numbers if published else {}
+        self.node = numbers.get(protocol, {}).get(label)
+        self.reason = published.reason if published else ""
+        if self.enabled and not self.reason:
+            self.reason = self._why_not(numbers, protocol, label, custom, shots)
+        if self.reason:
+            self.node = None
+        self.missing = [m.partition(": ")[2] for m in numbers.get("missing", []) if m.startswith(f"{protocol}:")]
+
+    def _why_not(self, numbers: dict, protocol: str, label: str, custom: bool, shots: int | None) -> str:
+        if custom:
+            return "a --set/--config variant is not the paper's setting (the paper's ablations are --tag variants)"
+        if shots is not None and protocol != "fewshot" and shots != PAPER_SHOTS:
+            return f"the paper's numbers are for {PAPER_SHOTS} shots, these runs used {shots}"
+        if self.node is None:
+            known = ", ".join(sorted(numbers.get(protocol, {})))
+            return f"the paper publishes no {protocol} row for it (rows published: {known})"
+        return ""
 
     def cells(self, ours: Cell, *keys) -> list[Cell]:
         if not self.enabled:
@@ -102,6 +145,19 @@ class _Paper:
     def header(self, names: list[str]) -> list[str]:
         return [h for n in names for h in ((n, f"{n} (paper)", f"Δ {n}") if self.enabled else (n,))]
 
+    def note(self, label: str, rows: list[tuple[str, list]]) -> str | None:
+        """Why published numbers are missing beside ours in ``rows``; None when nothing is missing."""
+        if not self.enabled:
+            return None
+        if self.reason:
+            return f"paper: no published numbers for {label}: {self.reason}."
+        gaps = [name for name, cells in rows
+                if any(not o.missing and p.missing for o, p in zip(cells[::3], cells[1::3]) if isinstance(o, Cell))]
+        if not gaps:
+            return None
+        said = f" (not restated: {'; '.join(self.missing)})" if self.missing else ""
+        return f"paper: {label} has no published number for {', '.join(gaps)}{said}."
+
 
 def _hm_cell(base: Cell, new: Cell) -> Cell:
     value = harmonic_mean(base.mean, new.mean)
@@ -109,11 +165,12 @@ def _hm_cell(base: Cell, new: Cell) -> Cell:
 
 
 def base_to_new_table(recs: list[Record], label: str, shots: int, datasets: list[str],
-                      paper: dict | None) -> tuple[Table, list[Cell], int]:
+                      paper: Published | None) -> tuple[Table, list[Cell], int]:
     """Table 1 for one method variant; also returns its average base/new/HM cells and dataset count."""
-    ref = _Paper(paper, "base2new", label)
+    ref = _Paper(paper, "base2new", label, custom=recs[0].custom, shots=shots)
     table = Table(f"table1_base2new_{label}_shots{shots}", f"Base-to-new: {label} ({shots} shots)",
-                  ref.header(["Base", "New", "HM"]), row_header="dataset")
+                  ref.header(["Base", "New", "HM"]), row_header="dataset",
+                  meta={"protocol": "base2new", "label": label, "shots": shots})
     complete = []
     for ds in datasets:
         base, new = _stat(recs, target=ds, metric="base"), _stat(recs, target=ds, metric="new")
@@ -127,10 +184,12 @@ def base_to_new_table(recs: list[Record], label: str, shots: int, datasets: list
                        [c for cell, key in zip(averages, ("base", "new", "hm")) for c in ref.cells(cell, "average", key)]))
     table.notes.append("HM from the seed-averaged base and new accuracies; the average row's HM is the HM of the "
                        "average base and new (datasets with both measured).")
+    table.notes += [n for n in [ref.note(label, table.rows)] if n]
     return table, averages, len(complete)
 
 
-def _per_dataset_rows(records: list[Record], suite: str | None, paper: dict | None) -> tuple[list[str], dict | None]:
+def _per_dataset_rows(records: list[Record], suite: str | None,
+                      paper: dict | None) -> tuple[list[str], Published | None]:
     """The dataset rows of a per-dataset table (in the suite's order) and the suite's published numbers."""
     seen = {r.target for r in records}
     chosen = pick_suite(records, suite, lambda s: seen <= set(s.base2new))
@@ -142,28 +201,30 @@ def base_to_new_tables(records: list[Record], suite: str | None = None, paper: d
     b2n = [r for r in records if r.protocol == "base2new"]
     if not b2n:
         return []
-    datasets, paper = _per_dataset_rows(b2n, suite, paper)
+    datasets, published = _per_dataset_rows(b2n, suite, paper)
     tables, summary = [], []
     for (label, shots), recs in sorted(_by(b2n, "label", "shots").items()):
-        table, averages, present = base_to_new_table(recs, label, shots, datasets, paper)
+        table, averages, present = base_to_new_table(recs, label, shots, datasets, published)
         tables.append(table)
-        summary.append((label, shots, averages, present))
+        summary.append((label, shots, recs[0].custom, averages, present))
     if len(summary) > 1:
-        tables.append(_summary_table(summary, len(datasets), paper))
+        tables.append(_summary_table(summary, len(datasets), published))
     return tables
 
 
-def _summary_table(summary, total: int, paper: dict | None) -> Table:
+def _summary_table(summary, total: int, paper: Published | None) -> Table:
     table = Table("table_ablation_base2new", "Base-to-new averages by method and config variant (ablations)",
-                  ["Base", "New", "HM", "datasets"], row_header="method")
-    for label, shots, averages, present in summary:
-        name = label if shots == 16 else f"{label} ({shots} shots)"
+                  ["Base", "New", "HM", "datasets"], row_header="method", meta={"protocol": "base2new"})
+    for label, shots, custom, averages, present in summary:
+        name = label if shots == PAPER_SHOTS else f"{label} ({shots} shots)"
         table.rows.append((name, [*averages, f"{present}/{total}"]))
-        ref = _Paper(paper, "base2new", label)
-        if ref.enabled:
+        ref = _Paper(paper, "base2new", label, custom=custom, shots=shots)
+        if ref.node is not None:
             published = [_paper(ref.node, "average", k) for k in ("base", "new", "hm")]
             table.rows.append((f"{name} (paper)", [*published, ""]))
             table.rows.append((f"Δ {name}", [*(difference(o, p) for o, p in zip(averages, published)), ""]))
+        elif ref.enabled:
+            table.notes.append(f"paper: no published numbers for {name}: {ref.reason}.")
     return table
 
 
@@ -172,13 +233,13 @@ def few_shot_tables(records: list[Record], suite: str | None = None, paper: dict
     fs = [r for r in records if r.protocol == "fewshot"]
     if not fs:
         return []
-    datasets, paper = _per_dataset_rows(fs, suite, paper)
+    datasets, published = _per_dataset_rows(fs, suite, paper)
     ks = sorted(set(FEW_SHOT_K) | {r.shots for r in fs})
     tables = []
     for (label,), recs in sorted(_by(fs, "label").items()):
-        ref = _Paper(paper, "fewshot", label)
+        ref = _Paper(published, "fewshot", label, custom=recs[0].custom)
         table = Table(f"table4_fewshot_{label}", f"Few-shot: {label}", ref.header([f"K={k}" for k in ks]),
-                      row_header="dataset")
+                      row_header="dataset", meta={"protocol": "fewshot", "label": label})
         columns = {k: [_stat(recs, target=ds, shots=k) for ds in datasets] for k in ks}
         for i, ds in enumerate(datasets):
             table.rows.append((ds, [c for k in ks for c in ref.cells(columns[k][i], ds, k)]))
@@ -188,6 +249,7 @@ def few_shot_tables(records: list[Record], suite: str | None = None, paper: dict
                            [c for k in ks for c in ref.cells(mean_of(columns[k]), "average", k)]))
         if not complete:
             table.notes.append("averages over " + ", ".join(f"K={k}: {n} of {len(datasets)}" for k, n in counts.items()))
+        table.notes += [n for n in [ref.note(label, table.rows)] if n]
         tables.append(table)
     return tables
 
@@ -208,10 +270,11 @@ def transfer_tables(records: list[Record], suite: str | None = None, paper: dict
 
 
 def _transfer_table(kind: str, source: str, shots: int, targets: list[str], recs: list[Record],
-                    paper: dict | None) -> Table:
+                    paper: Published | None) -> Table:
     number, name = ("2", "Cross-dataset") if kind == "crossdataset" else ("3", "Domain generalisation")
     table = Table(f"table{number}_{kind}_{source}_shots{shots}", f"{name}: trained on {source} ({shots} shots)",
-                  [f"{source} (source)", *targets, "Average"], row_header="method")
+                  [f"{source} (source)", *targets, "Average"], row_header="method",
+                  meta={"protocol": kind, "shots": shots})
     for (label,), rows in sorted(_by(recs, "label").items()):
         cells = [_stat(rows, target=t) for t in (source, *targets)]
         average = mean_of(cells[1:])
@@ -219,11 +282,13 @@ def _transfer_table(kind: str, source: str, shots: int, targets: list[str], recs
         table.rows.append((label, [*cells, average]))
         if present < len(targets):
             table.notes.append(f"{label}: average over {present} of {len(targets)} targets")
-        ref = _Paper(paper, kind, label)
-        if ref.enabled:
+        ref = _Paper(paper, kind, label, custom=rows[0].custom, shots=shots)
+        if ref.node is not None:
             published = [_paper(ref.node, t) for t in (source, *targets, "average")]
             table.rows.append((f"{label} (paper)", published))
             table.rows.append((f"Δ {label}", [difference(o, p) for o, p in zip([*cells, average], published)]))
+        elif ref.enabled:
+            table.notes.append(f"paper: no published numbers for {label}: {ref.reason}.")
     table.notes.append("Average over the targets (the source excluded).")
     return table
 
@@ -239,8 +304,159 @@ def build_tables(records: list[Record], suite: str | None = None, compare: str |
     return tables + [t for t in b2n if t.key.startswith("table_ablation")]
 
 
-
-
 def build_report(root: str | Path, suite: str | None = None, compare: str | None = None) -> list[Table]:
     """Collect ``root``'s ``metrics.json`` files and build every table they allow."""
     return build_tables(collect(root), suite=suite, compare=compare)
+
+
+# -------------------------------------------------------------------------------------- views of built tables
+def base_to_new_matrix(tables: list[Table]) -> list[Table]:
+    """Method × dataset views of the Table 1s (one per shots), regrouped from their cells, not recomputed.
+
+    Rows are grouped by dataset (named on the group's first row), one row per method; the average rows
+    keep their "(k of n datasets)"; datasets no method ran are left out and named in a note.
+    """
+    by_shots: dict[int, list[Table]] = defaultdict(list)
+    for table in tables:
+        if table.key.startswith("table1_") and "shots" in table.meta:
+            by_shots[table.meta["shots"]].append(table)
+    out = []
+    for shots, group in sorted(by_shots.items()):
+        ours = [i for i, h in enumerate(group[0].header) if not h.endswith("(paper)") and not h.startswith("Δ")]
+        matrix = Table(f"base2new_matrix_shots{shots}", f"Base-to-new, method × dataset ({shots} shots)",
+                       ["method", *group[0].header], row_header="dataset", meta={"protocol": "base2new", "shots": shots})
+        not_run = []
+        for i, (name, _) in enumerate(group[0].rows):
+            rows = [(t.rows[i][0], t.meta["label"], t.rows[i][1]) for t in group]
+            if name.startswith("Average"):
+                matrix.rows += [(own, [label, *cells]) for own, label, cells in rows]
+            elif all(cells[k].missing for _, _, cells in rows for k in ours):
+                not_run.append(name)
+            else:
+                matrix.rows += [(name if j == 0 else "", [label, *cells]) for j, (_, label, cells) in enumerate(rows)]
+        matrix.notes = list(dict.fromkeys(n for t in group for n in t.notes))
+        if not_run:
+            matrix.notes.append(f"not run by any method: {', '.join(not_run)}")
+        out.append(matrix)
+    return out
+
+
+def per_dataset_values(matrix: Table) -> dict:
+    """Bar-chart data from a method × dataset view.
+
+    Returns:
+        ``{"datasets": [..., "Average"], "ours": {label: {"Base"|"New"|"HM": [value or None per dataset]}},
+        "paper": {label: {...}}}``; ``paper`` only when the view has published columns.
+    """
+    header = matrix.header[1:]
+    datasets: list[str] = []
+    ours: dict[str, dict[str, dict]] = {}
+    paper: dict[str, dict[str, dict]] = {}
+    current = ""
+    for name, cells in matrix.rows:
+        current = ("Average" if name.startswith("Average") else name) or current
+        datasets += [] if current in datasets else [current]
+        label, values = cells[0], dict(zip(header, cells[1:], strict=True))
+        for key in ("Base", "New", "HM"):
+            ours.setdefault(label, {}).setdefault(key, {})[current] = values[key].mean
+            if f"{key} (paper)" in values:
+                paper.setdefault(label, {}).setdefault(key, {})[current] = values[f"{key} (paper)"].mean
+    as_lists = {side: {label: {k: [v.get(ds) for ds in datasets] for k, v in keys.items()}
+                       for label, keys in data.items()} for side, data in (("ours", ours), ("paper", paper))}
+    return {"datasets": datasets, **as_lists}
+
+
+def run_accuracy_table(run_dirs: dict[str, Path]) -> Table | None:
+    """The accuracies each run folder recorded (``eval/*/metrics.json``), one row per run, with base/new HM.
+
+    Args:
+        run_dirs: ``{row label: run folder}``.
+    """
+    rows, columns = {}, []
+    for label, run_dir in run_dirs.items():
+        values: dict[str, Cell | str] = {}
+        for rec in sorted(collect(run_dir), key=lambda r: (r.target, r.metric)):
+            values["variant"] = f"{rec.label}, {rec.protocol}, {rec.shots} shots"
+            values[f"{rec.target} {rec.metric}"] = seed_stat([rec.accuracy])
+        for target in sorted({k.rsplit(" ", 1)[0] for k in values if k != "variant"}):
+            base, new = values.get(f"{target} base"), values.get(f"{target} new")
+            if base and new:
+                values[f"{target} HM"] = _hm_cell(base, new)
+        columns += [k for k in values if k not in columns]
+        rows[label] = values
+    if not columns:
+        return None
+    table = Table("run_accuracy", "Accuracy of the analysed runs (their eval/*/metrics.json, top-1 %)", columns,
+                  row_header="run")
+    columns.sort(key=lambda c: c != "variant")
+    table.rows = [(label, [values.get(c, "" if c == "variant" else MISSING) for c in columns])
+                  for label, values in rows.items()]
+    table.notes.append("One seed per run; HM = 2·B·N/(B+N) of the run's base and new accuracies.")
+    return table
+
+
+# -------------------------------------------------------------------------------------- the results page
+def write_results_page(root: str | Path, records: list[Record], tables: list[Table], folder: str | Path,
+                       analysis_dirs: tuple[Path, ...] = ()) -> Path:
+    """``report.html`` in ``folder``: one self-contained page of the tables ``report`` built.
+
+    Sections: the method × dataset view per shots with its per-dataset bars (needs matplotlib, else
+    said), every table as written to Markdown, and links to ``analyze`` pages of these runs found under
+    ``root``, ``folder`` and ``analysis_dirs``. Nothing is computed again: the views regroup ``tables``.
+    """
+    from html import escape
+
+    from alignednorm.analysis.html_report import PageSection, write_page
+    from alignednorm.results import to_html
+
+    root, folder = Path(root), Path(folder)
+    sections = []
+    for matrix in base_to_new_matrix(tables):
+        html = to_html(matrix) + _bars_html(matrix, folder)
+        sections.append(PageSection(file_stem(matrix.key), matrix.title, html))
+    sections += [PageSection(f"table-{file_stem(t.key)}", t.title, to_html(t)) for t in tables]
+    sections.append(PageSection("analysis", "Analysis pages", _analysis_links(root, records, folder,
+                                                                                (root, folder, *analysis_dirs))))
+    labels = sorted({r.label for r in records})
+    intro = (f"<p>{len({r.path for r in records})} evaluations under <code>{escape(str(root))}</code>: "
+             f"{escape(', '.join(labels))}; seeds {escape(', '.join(map(str, sorted({r.seed for r in records}))))}. "
+             "Cells are the mean over seeds, ± the population standard deviation when two or more seeds ran.</p>")
+    return write_page(folder / "report.html", f"alignednorm results: {root.name}", sections, intro=intro)
+
+
+def _bars_html(matrix: Table, folder: Path) -> str:
+    from alignednorm.analysis.html_report import FigureEntry, figure_html
+
+    try:
+        from alignednorm.analysis import plots
+    except ImportError:
+        return '<p class="note">Per-dataset bars need matplotlib: pip install "alignednorm[analysis]".</p>'
+    values = per_dataset_values(matrix)
+    png = plots.plot_dataset_bars(values, folder / "figures" / f"{file_stem(matrix.key)}.png")
+    entry = FigureEntry(matrix.key, matrix.title, png, caption="Per dataset: bars are ours (mean over seeds), "
+                        "black ticks the paper's where it published the setting.")
+    return "<h3>Per-dataset bars</h3>" + figure_html(entry)
+
+
+def _analysis_links(root: Path, records: list[Record], folder: Path, places: tuple[Path, ...]) -> str:
+    """Links to the ``analyze`` pages whose runs lie under ``root``, or the command that makes one."""
+    import os
+    from html import escape
+
+    from alignednorm.analysis.html_report import page_runs
+
+    top, pages = root.resolve(), {}
+    for place in places:
+        for page in sorted(Path(place).rglob("index.html")) if Path(place).is_dir() else []:
+            runs = [r for r in page_runs(page) if r == top or top in r.parents]
+            if runs:
+                pages[page.resolve()] = runs
+    if pages:
+        items = "".join(f'<li><a href="{escape(os.path.relpath(page, folder.resolve()), quote=True)}">'
+                        f"{escape(str(page.parent.name))}</a>: "
+                        f"{escape(', '.join(str(r.relative_to(top)) for r in runs))}</li>" for page, runs in pages.items())
+        return f"<ul>{items}</ul>"
+    runs = sorted({str(Path(r.path).parents[2]) for r in records if r.seed == min(x.seed for x in records)})[:4]
+    command = f"alignednorm analyze {' '.join(runs)} --output {root / 'analysis'}"
+    return (f"<p>No <code>alignednorm analyze</code> page of these runs was found under {escape(str(root))}. "
+            f"Make one (figures of the papers for the runs named):</p><pre>{escape(command)}</pre>")
