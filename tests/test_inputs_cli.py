@@ -172,3 +172,25 @@ def test_mini_generate_and_clip_mini(tmp_path):
     assert "no such file" in _error("eval", "--dataset", "mini_shapes", "--data-root", tmp_path / "data",
                                     "--clip", tmp_path / "nope.pt")
     assert torch.get_num_threads() >= 1
+
+
+def test_export_analyze_bench_and_import_inputs(trained, json_dataset, clip_file, tmp_path):
+    """Each bad input is one line naming it, before any work; an exported folder can be analysed."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert f"{a_file} is a file; export writes a folder" in _error("export", trained, a_file)
+    assert f"--output {a_file} is a file; analyze writes a folder" in _error("analyze", trained, "--output", a_file)
+    for device in ("tpu", "cuda:7"):
+        message = _error("analyze", trained, "--output", tmp_path / "an", "--device", device)
+        assert f"--device {device!r}: not available here; available: auto, cpu" in message
+        assert f"--device {device!r}: not available here" in _error("bench", "--method", "coop", "--device", device)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00\x01 not safetensors")
+    message = _error("import-official", "mmrlpp", broken, tmp_path / "imported", "--clip", clip_file,
+                     "--classes", "cat,dog", *SMALL)
+    assert f"{broken}: not a readable safetensors file" in message
+    exported = tmp_path / "exported"
+    _ok("export", trained, exported)
+    page = _ok("analyze", exported, "--output", tmp_path / "an_export", "--data-root", json_dataset.root,
+               "--max-images", 3, "--no-tsne")
+    assert "wrote" in page and (tmp_path / "an_export" / "index.html").is_file()

@@ -93,6 +93,12 @@ def test_bad_checkpoints_name_the_problem(tmp_path, small_clip):
     torch.save(state, tmp_path / "shapes.pt")
     with pytest.raises(CheckpointError, match=r"wrong shapes \['visual.ln_post.weight: checkpoint \(7,\)"):
         load_clip(tmp_path / "shapes.pt")
+    # The text width is what most of its tensors say: a wrong ln_final.weight is the one named.
+    state = dict(small_clip.state_dict())
+    state["ln_final.weight"] = torch.ones(7)
+    torch.save(state, tmp_path / "ln_final.pt")
+    with pytest.raises(CheckpointError, match=r"wrong shapes \['ln_final.weight: checkpoint \(7,\) vs model \(64,\)'\]$"):
+        load_clip(tmp_path / "ln_final.pt")
 
 
 # --- what a file without a model name can say about itself; architectures the runner refuses ---

@@ -86,21 +86,23 @@ def test_prompts_sit_where_the_official_code_puts_them(wide_backbone):
 
 
 def test_context_from_words_and_prompt_text(wide_backbone):
-    method = create_method("maple", wide_backbone, {"n_ctx": 2, "ctx_init": "a photo of a"})
+    method = create_method("maple", wide_backbone, {"n_ctx": 2, "ctx_init": "a photo of a", "prompt_depth": 4})
     ids = wide_backbone.tokenize(["a photo of a"])
     words = wide_backbone.model.token_embedding(ids)[0, 1:3]
     assert torch.equal(method.text_prompts["1"].detach(), words)
     method.set_classnames(["sea_lion"])
     assert torch.equal(method.token_ids, wide_backbone.tokenize(["a photo of a sea lion."]))
     with pytest.raises(ConfigError, match="ctx_init = 'a photo' has 2 tokens, fewer than n_ctx = 3"):
-        create_method("maple", wide_backbone, {"n_ctx": 3, "ctx_init": "a photo"})
+        create_method("maple", wide_backbone, {"n_ctx": 3, "ctx_init": "a photo", "prompt_depth": 4})
     with pytest.raises(ConfigError, match="prompt_depth = 0 is out of range"):
         create_method("maple", wide_backbone, {"prompt_depth": 0})
 
 
 def test_depth_past_the_backbone_keeps_official_sets_and_warns(wide_backbone, caplog):
-    with caplog.at_level(logging.WARNING):
-        method = create_method("maple", wide_backbone, {"prompt_depth": 6})
+    with pytest.raises(ConfigError, match="MaPLe.Config.prompt_depth = 6: the backbone has 4 blocks"):
+        create_method("maple", wide_backbone, {"prompt_depth": 6})
+    with caplog.at_level(logging.WARNING):  # as the official code, on request (parity fixtures)
+        method = create_method("maple", wide_backbone, {"prompt_depth": 6, "unused_prompt_blocks": True})
     assert "blocks 5..6 are never used" in caplog.text
     assert len(method.text_prompts) == 6 and len(method.couplings) == 6
 

@@ -18,6 +18,8 @@ from alignednorm.losses.self_regularization import mutual_agreement, template_me
 from alignednorm.methods import StepState, create_method
 from alignednorm.prompts.deep import gaussian_epoch_weights
 
+FITS = {"text_depth": 4, "vision_depth": 4}  # the official depth 9, within this 4-layer CLIP
+
 
 @pytest.fixture(scope="module")
 def backbone():
@@ -33,7 +35,7 @@ def test_gaussian_weights_over_epochs():
 
 
 def test_gpa_averages_the_prompts_and_survives_a_resume(backbone):
-    method = create_method("promptsrc", backbone, {"gpa_mean": 2.0, "gpa_std": 1.0})
+    method = create_method("promptsrc", backbone, {"gpa_mean": 2.0, "gpa_std": 1.0, **FITS})
     w = gaussian_epoch_weights(2, 1, 3)
     values = []
     for epoch in range(3):
@@ -44,7 +46,7 @@ def test_gpa_averages_the_prompts_and_survives_a_resume(backbone):
         if epoch == 1:  # resume from a checkpoint taken after epoch 1 into a fresh method
             saved = method.learnable_state_dict()
             assert any(k.startswith("gpa_sum.") for k in saved)
-            method = create_method("promptsrc", backbone, {"gpa_mean": 2.0, "gpa_std": 1.0})
+            method = create_method("promptsrc", backbone, {"gpa_mean": 2.0, "gpa_std": 1.0, **FITS})
             method.load_learnable_state_dict(saved)
         method.on_epoch_end(StepState(epoch=epoch, max_epochs=3))
     expected = float(np.dot(w, values))
@@ -70,19 +72,20 @@ def test_teacher_averages_unnormalised_features_over_templates(backbone):
     mean, per_template = template_mean_text_features(backbone, ["red_circle", "dog"], templates)
     second = backbone.encode_text(backbone.tokenize(["a drawing of the red circle.", "a drawing of the dog."])).features
     assert torch.allclose(per_template[1], second) and torch.allclose(mean, per_template.mean(0))
-    method = create_method("promptsrc", backbone, {"teacher_templates": "label_space"})
+    method = create_method("promptsrc", backbone, {"teacher_templates": "label_space", **FITS})
     method.set_classnames(["red_circle", "dog"], list(templates))
     assert torch.allclose(method.teacher_text_features(), mean)
     assert len(method.teacher_templates()) == 2
-    default = create_method("promptsrc", backbone)
+    default = create_method("promptsrc", backbone, FITS)
     default.set_classnames(["a"])
     assert len(default.teacher_templates()) == 60  # the official ImageNet set, whatever the dataset's template
     with pytest.raises(ConfigError, match="teacher_templates = 'cifar'"):
-        create_method("promptsrc", backbone, {"teacher_templates": "cifar"})
+        create_method("promptsrc", backbone, {"teacher_templates": "cifar", **FITS})
 
 
 def test_loss_is_ce_plus_scl_and_zero_shot_logits_round_the_classifier(backbone):
-    method = create_method("promptsrc", backbone, {"official_fp16_rounding": True, "teacher_templates": "label_space"})
+    method = create_method("promptsrc", backbone, {"official_fp16_rounding": True, "teacher_templates": "label_space",
+                                                **FITS})
     method.set_classnames(["cat", "dog", "bird"])
     method.train()
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
@@ -94,7 +97,10 @@ def test_loss_is_ce_plus_scl_and_zero_shot_logits_round_the_classifier(backbone)
 
 
 def test_prompts_only_for_blocks_that_exist(backbone):
-    method = create_method("promptsrc", backbone, {"text_depth": 9, "vision_depth": 2})
+    with pytest.raises(ConfigError, match="PromptSRC.Config.text_depth = 9: the backbone has 4 blocks"):
+        create_method("promptsrc", backbone, {"text_depth": 9, "vision_depth": 2})
+    # As the official IVLP blocks, on request (parity fixtures on shallow CLIPs): every block there is.
+    method = create_method("promptsrc", backbone, {"text_depth": 9, "vision_depth": 2, "unused_prompt_blocks": True})
     assert len(method.text_prompts) == 4 and sorted(method.vision_prompts.keys()) == ["1", "2"]
     assert sum(p.numel() for p in method.learnable_parameters()) == 4 * 4 * 64 + 2 * 4 * 64
 

@@ -132,6 +132,8 @@ def test_variant_names(tmp_path):
     assert variant_name(None, str(yaml), ()).startswith("custom-")
     with pytest.raises(ConfigError, match="--tag"):
         variant_name("a/b", None, ())
+    with pytest.raises(ConfigError, match="--config .*nope.yaml: no such file"):
+        variant_name(None, str(tmp_path / "nope.yaml"), ())
     job = expand("base2new", request(datasets=("dtd",), seeds=(1,), tag="proj-only"))[0]
     assert job.variant == "proj-only" and "/alignednorm/proj-only/seed1" in job.train_dir
 
@@ -219,7 +221,7 @@ def test_base2new_and_crossdataset_sweeps_end_to_end(tmp_path, clip_file):
     assert {p.suffix for p in (out / "report").iterdir()} == {".md", ".csv", ".tex"}
 
 
-def test_run_command_lists_and_failures(json_dataset, clip_file, tmp_path):
+def test_run_command_lists_and_failures(json_dataset, clip_file, tmp_path, caplog):
     out = tmp_path / "runs"
     listed = invoke("run", "fewshot", "--method", "mmrlpp", "--data-root", json_dataset.root, "--clip", clip_file,
                     "--output", out, "--seeds", "1", "2", "--shots", "1", "4", "--datasets", "dtd", "eurosat",
@@ -232,6 +234,8 @@ def test_run_command_lists_and_failures(json_dataset, clip_file, tmp_path):
         "--output", out, "--seeds", "1", "--datasets", "oxford_pets,dtd")])
     assert result.exit_code == 1 and "1 of 2 jobs finished" in result.output
     assert "failed: base2new/dtd/shots16/zeroshot/default/seed1" in result.output
+    # A user-facing error (here: a missing dataset) is its one line, never with a traceback.
+    assert "base2new/dtd/shots16/zeroshot/default/seed1 failed: " in caplog.text and "Traceback" not in caplog.text
 
 
 @pytest.mark.parametrize("method", ["coop", "nemesis"])

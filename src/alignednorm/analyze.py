@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from alignednorm import data as D
 from alignednorm.backbone.hooks import Trace, Traces
+from alignednorm.config import to_yaml
 from alignednorm.data.dataset import skip_none_collate
+from alignednorm.engine.environment import resolve_device
 from alignednorm.engine.run import TrainedRun, dataset_label_space, load_run
 from alignednorm.errors import AlignedNormError
 from alignednorm.methods import Method, create_method
@@ -172,6 +174,9 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, options: Analys
     if options.max_images < 2:
         raise AlignedNormError(f"--max-images {options.max_images}: expected at least 2 images per subset")
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise AlignedNormError(f"--output {output} is a file; analyze writes a folder (PNGs, numbers, index.html)")
+    options.device = str(resolve_device(options.device))
     records: dict[str, dict[str, SubsetRecord]] = {}
     configs, skipped, prompt_norms = {}, {}, {}
     first: TrainedRun | None = None
@@ -180,7 +185,8 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, options: Analys
         first = first or trained
         label = _unique(run_label(trained), records)
         records[label] = _record_run(trained, trained.method, options, skipped, label)
-        configs[label] = (Path(run_dir) / "config.yaml").read_text()
+        saved = Path(run_dir) / "config.yaml"  # an exported folder keeps its config in its JSON record
+        configs[label] = saved.read_text() if saved.is_file() else to_yaml(trained.config)
         norms = prompt_norms_from_log(Path(run_dir))
         if norms:
             prompt_norms[label] = norms
@@ -210,8 +216,11 @@ def _record_run(trained: TrainedRun, method: Method, options: AnalysisOptions, s
                 label: str) -> dict[str, SubsetRecord]:
     """Records per subset; a subset a class-specific prompt cannot classify is left out, its reason in ``skipped``."""
     data_root = options.data_root or trained.info.get("data_root")
+    if not trained.info.get("dataset"):
+        raise AlignedNormError(f"{trained.run_dir}: records no dataset; analyze needs the test images of the dataset "
+                               "the prompt was trained on (a training run folder, or an export of one)")
     if not data_root:
-        raise AlignedNormError(f"{trained.run_dir / 'run.json'} records no data root; pass --data-root")
+        raise AlignedNormError(f"{trained.run_dir}: records no data root; pass --data-root")
     out = {}
     for classes, rule in SUBSETS:
         split = _test_items(trained, classes, str(data_root), options.max_images, options.seed)

@@ -18,6 +18,7 @@ import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from alignednorm.backbone.clip import ClipBackbone
+from alignednorm.engine.environment import resolve_device
 from alignednorm.errors import ConfigError
 from alignednorm.methods import StepState, create_method, list_methods
 
@@ -148,7 +149,7 @@ def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch:
               device: str = "cpu", backbone: ClipBackbone | None = None, clock: str = "wall",
               settings: str = "each") -> BenchResult:
     """Time ``method_name`` under :func:`optimisation_settings` per class count (one process, in turn)."""
-    dev = torch.device(device)
+    dev = resolve_device(device)
     timer = make_clock(dev, clock)
     label = geometry if backbone is None else Path(backbone.source or "given backbone").name
     backbone = (backbone or random_clip(geometry)).to(dev)

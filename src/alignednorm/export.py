@@ -46,6 +46,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, force: bool = False) ->
     weights = run_dir / "learnable.safetensors"
     if get_method_class(info["method"]).traits.learns and not weights.is_file():
         raise AlignedNormError(f"{run_dir} has no learnable.safetensors: export a finished training run")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AlignedNormError(f"{out_dir} is a file; export writes a folder (config JSON, safetensors, model card)")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise AlignedNormError(f"{out_dir} exists and is not empty; choose another folder or pass --force")
     cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
@@ -83,6 +85,8 @@ def import_official_checkpoint(method: str, checkpoint: str | Path, out_dir: str
     from alignednorm.methods import create_method
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AlignedNormError(f"{out_dir} is a file; export writes a folder (config JSON, safetensors, model card)")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise AlignedNormError(f"{out_dir} exists and is not empty; choose another folder or pass --force")
     cfg = resolve_config(method, "base2new", dataset, None, list(sets or []))

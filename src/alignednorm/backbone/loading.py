@@ -244,7 +244,7 @@ def openai_config(state_dict: dict[str, torch.Tensor], source: str = "state dict
     else:
         raise CheckpointError(f"{source}: not a CLIP state dict in OpenAI naming: no image tower "
                               "(neither visual.transformer.* of a ViT nor visual.layer1.* of a ResNet)")
-    text_width = sd["ln_final.weight"].shape[0]
+    text_width = _text_width(sd)
     text = {
         "context_length": sd["positional_embedding"].shape[0],
         "vocab_size": sd["token_embedding.weight"].shape[0],
@@ -257,6 +257,14 @@ def openai_config(state_dict: dict[str, torch.Tensor], source: str = "state dict
         if not count:
             raise CheckpointError(f"{source}: not a CLIP state dict in OpenAI naming: no blocks ({what})")
     return {"embed_dim": sd["text_projection"].shape[1], "vision_cfg": vision, "text_cfg": text}
+
+
+def _text_width(sd: dict[str, torch.Tensor]) -> int:
+    """The text tower's width as most of its width-bearing tensors say it, so that one wrong tensor is the
+    one the strict load names (OpenAI's loader reads it from ``ln_final.weight`` alone)."""
+    widths = [sd[k].shape[i] for k, i in (("ln_final.weight", 0), ("ln_final.bias", 0), ("positional_embedding", 1),
+                                          ("token_embedding.weight", 1), ("text_projection", 0)) if k in sd and sd[k].dim() > i]
+    return max(set(widths), key=widths.count) if widths else sd["ln_final.weight"].shape[0]
 
 
 def _load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -64,6 +64,7 @@ def method_from_manifest(manifest: dict) -> tuple[str, dict]:
             if config.get("ctx_init") and n_ctx > 4:  # the official code ignores CTX_INIT past 4 tokens
                 config["ctx_init"] = ""
             config["official_fp16_rounding"] = True  # the official float32 path rounds its prompts
+            config["unused_prompt_blocks"] = True  # the official code accepts depths past a shallow CLIP's blocks
             if name == "promptsrc":
                 config["teacher_templates"] = "label_space"  # the manifest's templates, through the label space
             return name, config

@@ -52,7 +52,7 @@ def method_from_manifest(manifest: dict) -> tuple[str, dict]:
     config = {ours: official[key] for key, ours in KEYS.items() if key in official}
     if "distill_weight" in config:
         config["distill_weight"] = float(config["distill_weight"])
-    config.update(mapping="reference", official_fp16_rounding=True)  # the official float32 path
+    config.update(mapping="reference", official_fp16_rounding=True, unused_prompt_blocks=True)  # the official float32 path
     return "hicropl", config
 
 

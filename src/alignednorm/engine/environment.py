@@ -47,3 +47,25 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def available_devices() -> list[str]:
+    """The devices torch can use here: ``cpu``, ``cuda`` / ``cuda:<i>`` when present, ``mps`` on Apple GPUs."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU) or a device this machine has; otherwise one clear line."""
+    from alignednorm.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    available = available_devices()
+    if name not in available:
+        raise ConfigError(f"--device {name!r}: not available here; available: {', '.join(['auto', *available])}")
+    return torch.device(name)

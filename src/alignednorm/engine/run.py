@@ -427,13 +427,13 @@ def read_exported(folder: Path) -> tuple[dict, DictConfig]:
 
 
 def _checked_clip(run_dir: Path, info: dict, clip: str | Path | None) -> Path:
+    record = run_dir / (EXPORT_CONFIG if (run_dir / EXPORT_CONFIG).is_file() else "run.json")
     clip_path = Path(info["clip"]) if clip is None else resolve_clip_path(clip)  # 'mini' and the like
     if not clip_path.is_file():
-        raise CheckpointError(f"backbone {clip_path} (recorded in {run_dir / 'run.json'}) does not exist; "
-                              "pass clip=... / --clip")
+        raise CheckpointError(f"backbone {clip_path} (recorded in {record}) does not exist; pass clip=... / --clip")
     if file_sha256(clip_path) != info["clip_sha256"]:
-        raise CheckpointError(f"backbone {clip_path} is not the one the run was trained with "
-                              f"(SHA-256 differs from {run_dir / 'run.json'})")
+        raise CheckpointError(f"backbone {clip_path} is not the one the prompt was trained with "
+                              f"(SHA-256 differs from the one recorded in {record})")
     return clip_path
 
 

@@ -148,6 +148,7 @@ class HiCroPL(DeepPromptMethod):
         super().__init__(backbone, config)
         backbone.require_vit(f"method {self.name!r}")
         cfg, bb = self.config, backbone
+        self.check_depth("prompt_depth", min(bb.text_layers, bb.vision_layers))
         if cfg.prompt_depth > min(bb.text_layers, bb.vision_layers):
             log.warning("hicropl: prompt_depth %d exceeds the backbone's layers; the prompts of the missing blocks "
                         "are mapped but never used", cfg.prompt_depth)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from alignednorm.backbone.hooks import Prefix, Trace, Traces
+from alignednorm.errors import ConfigError
 from alignednorm.methods.base import Method, MethodConfig, MethodTraits, Outputs, check_range, register_method
 from alignednorm.methods.official_names import OfficialNames
 from alignednorm.prompts.deep import (
@@ -48,16 +49,28 @@ class DeepPromptConfig(MethodConfig):
         official_fp16_rounding: round the visual prompts and deep text prompts to float16 (forward)
             and their per-copy gradients (backward), as the official float32 path does
             (``prompts/deep.py``); on in the presets that reproduce the official numerics.
+        unused_prompt_blocks: accept prompt depths past the backbone's blocks, as the official code
+            does (MaPLe and HiCroPL build prompt sets that are never used, PromptSRC prompts every block
+            there is). Off, such a depth is a configuration error; the parity harness turns it on for
+            fixtures made on shallow CLIPs.
     """
 
     ctx_init: str = "a photo of a"
     official_fp16_rounding: bool = False
+    unused_prompt_blocks: bool = False
 
 
 class DeepPromptMethod(Method):
     """Shared machinery: ``"{prefix} {class}."`` prompts, their token embeddings, cosine logits."""
 
     prompt_prefix: str = ""
+
+    def check_depth(self, name: str, blocks: int) -> None:
+        """Refuse ``config.<name>`` past the ``blocks`` the backbone has (unless ``unused_prompt_blocks``)."""
+        depth = getattr(self.config, name)
+        if depth > blocks and not self.config.unused_prompt_blocks:
+            raise ConfigError(f"{type(self).__name__}.Config.{name} = {depth}: the backbone has {blocks} blocks; "
+                              f"expected at most {blocks}")
 
     def on_label_space(self, space: LabelSpace) -> None:
         names = [c.replace("_", " ") for c in space.classnames]
@@ -138,6 +151,7 @@ class MaPLe(DeepPromptMethod):
         cfg, bb = self.config, backbone
         blocks = list(range(1, cfg.prompt_depth + 1))
         layers = min(bb.text_layers, bb.vision_layers)
+        self.check_depth("prompt_depth", layers)
         if cfg.prompt_depth > layers:
             # The official code builds all J - 1 deep sets; those past the last block are never used.
             log.warning("maple: prompt_depth %d exceeds the backbone's %d layers; prompt sets for blocks %d..%d are "

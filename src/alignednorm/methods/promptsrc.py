@@ -99,7 +99,9 @@ class PromptSRC(DeepPromptMethod):
         super().__init__(backbone, config)
         backbone.require_vit(f"method {self.name!r}")
         cfg, bb = self.config, backbone
-        # As the official IVLP blocks: prompts only for blocks that exist.
+        self.check_depth("text_depth", bb.text_layers)
+        self.check_depth("vision_depth", bb.vision_layers)
+        # As the official IVLP blocks (with unused_prompt_blocks): prompts only for blocks that exist.
         text_blocks = list(range(1, min(cfg.text_depth, bb.text_layers) + 1))
         vision_blocks = list(range(1, min(cfg.vision_depth, bb.vision_layers) + 1))
         self.text_prompts = PromptStack(text_blocks, cfg.n_ctx_text, bb.text_width)

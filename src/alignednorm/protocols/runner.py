@@ -27,13 +27,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.config import preset_path, resolve_config, to_yaml
 from alignednorm.data.catalog import Suite, get_suite
+from alignednorm.engine.environment import resolve_device
 from alignednorm.engine.io import clean_stale_temp_files, write_json, write_text
 from alignednorm.engine.run import (
     COST_KEYS,
@@ -145,6 +145,8 @@ class Job:
 
 def variant_name(tag: str | None, config_file: str | None, sets: tuple[str, ...] | list[str]) -> str:
     """``tag`` when given, ``default`` without user config, else ``custom-<8 hex>`` of the user's config."""
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"--config {config_file}: no such file (expected a YAML file of method/train/data settings)")
     if tag is not None:
         if not _TAG.match(tag):
             raise ConfigError(f"--tag {tag!r}: use letters, digits and . _ + - (it names a folder)")
@@ -257,12 +259,6 @@ def target_overrides(method: str, protocol: str) -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------------------------------- running
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_backbone(job: Job) -> ClipBackbone:
     return ClipBackbone.from_file(job.clip, job.clip_model).to(resolve_device(job.device))
 

@@ -111,8 +111,11 @@ def run_inline(jobs: list[Job], force: bool = False) -> SweepOutcome:
                 backbones = {key: load_backbone(job)}  # keep one backbone in memory
             run_job(job, force=force, backbone=backbones[key])
             outcome.finished.append(job.name)
+        except AlignedNormError as exc:  # a user-facing error: its one line says it all
+            log.error("%s failed: %s", job.name, exc)
+            outcome.failed[job.name] = str(exc)
         except Exception as exc:  # noqa: BLE001  (one broken dataset must not stop a 165-job sweep)
-            log.error("%s failed:\n%s", job.name, traceback.format_exc())
+            log.error("%s failed:\n%s", job.name, traceback.format_exc())  # a bug: keep the traceback
             outcome.failed[job.name] = f"{type(exc).__name__}: {exc}"
     return outcome
 
