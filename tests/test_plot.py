@@ -210,3 +210,24 @@ def test_parity_reads_every_setting_from_the_manifest(variant, shared_dir, tmp_p
     assert ours["after_step.prompt_learner.ctx"].shape == (section["N"], section["N_CTX"], 64)
     assert ours["pan.inference_logits"].shape == (len(positions) + 1, 3, 4)
     assert ours["train.image_features"].shape == ((4 if spatial else 5), 3, 32)
+
+
+def test_presets_follow_the_official_configs():
+    from alignednorm.config import resolve_config
+
+    for name in ("plot", "plot_nemesis"):
+        epochs = [resolve_config(name, "fewshot", "dtd", shots=k).train.epochs for k in (1, 2, 4, 8, 16)]
+        assert epochs == [50, 100, 100, 200, 200]  # rn50_ep50, rn50_ep100 (2, 4 shots), rn50
+        train = resolve_config(name, "fewshot", "caltech101", shots=16).train
+        assert (train.lr, train.batch_size, train.warmup_lr) == (0.002, 32, 1e-5)
+    pets = resolve_config("plot_nemesis", "fewshot", "oxford_pets", shots=4).method
+    assert (pets.omega, pets.pan_omega, pets.omega_schedule) == (0.1, 50.0, False)
+
+
+def test_coop_corruption_tables_refuse_plot(tiny_backbone):
+    from alignednorm.analysis.corruption import corruption_sweep
+
+    method = create_method("plot", tiny_backbone, {"n_sets": 2, "n_ctx": 4})
+    method.set_classnames(CLASSES)
+    with pytest.raises(ConfigError, match="optimal transport over local features"):
+        corruption_sweep(method, [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))])

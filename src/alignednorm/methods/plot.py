@@ -97,6 +97,13 @@ class Plot(CoOp):
         embeddings, token_ids = self.context()
         return self.encode_prompts(embeddings, token_ids, trace, built_alike=self.context.n_sets == 1)
 
+    def encode_prompts(self, embeddings: Tensor, token_ids: Tensor, trace: Trace | None = None,
+                       built_alike: bool | None = None) -> Tensor:
+        """CoOp's text encoding; ``token_ids`` ``(C, T)`` of one set serve every set of ``embeddings`` ``(S·C, T, W)``."""
+        if token_ids.shape[0] != embeddings.shape[0]:
+            token_ids = token_ids.repeat(embeddings.shape[0] // token_ids.shape[0], 1)
+        return super().encode_prompts(embeddings, token_ids, trace, built_alike)
+
     def local_features(self, images: Tensor, trace: Trace | None = None) -> Tensor:
         """The image tower's outputs ``(B, 1 + G, E)`` (pooled first; not normalised)."""
         return self.backbone.encode_image_tokens(images, trace=trace)
