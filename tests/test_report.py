@@ -245,10 +245,30 @@ def test_cost_table_from_real_runs(json_dataset, tmp_path):
     assert info["environment"]["torch"] and info["learnable_parameters"] > 0
     result = CliRunner().invoke(app, ["report", str(tmp_path / "r"), "--cost", "--no-write"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    (head,) = [x for x in result.output.splitlines() if x.startswith("| method")]
+    header = [c.strip() for c in head.strip("|").split("|")]
+    assert header[1:5] == ["train s/iter", "batch size", "test s/batch", "learnable params"]
     (line,) = [x for x in result.output.splitlines() if x.startswith("| mmrlpp-tiny")]
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert float(cells[1]) > 0 and float(cells[2]) > 0 and float(cells[3]) == round(info["learnable_parameters"] / 1e6, 3)
-    assert cells[5] != "-" and cells[6] == "1" and cells[7] == "CPU"
+    assert float(cells[1]) > 0 and cells[2] == "2" and float(cells[3]) > 0
+    assert cells[4] == f"{info['learnable_parameters']:,}"  # a count, never 0.000 M
+    assert cells[6] != "-" and cells[7] == "1" and cells[8] == "CPU"
+
+
+def test_cost_rows_name_custom_variants_by_their_settings(tmp_path):
+    """A ``custom-<hash>`` row says its --set values; parameters are counts, a range when runs differ."""
+    from alignednorm.protocols.cost import cost_table
+
+    for seed, params in ((1, 8192), (2, 16384)):
+        run = tmp_path / "base2new" / "dtd" / "shots16" / "coop" / "custom-1234abcd" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps({
+            "method": "coop", "learnable_parameters": params, "command": "alignednorm run base2new --method coop "
+            "--set train.epochs=5", "identity": {"config": {"train": {"batch_size": 32}}}}))
+        (run / "metrics.json").write_text(json.dumps({"cost": {"seconds_per_iter": 0.5}}))
+    table = cost_table(tmp_path)
+    ((label, cells),) = table.rows
+    assert label == "coop [train.epochs=5]" and cells[1] == "32" and cells[3] == "8,192–16,384"
 
 
 def test_description_fallback_is_its_own_report_row(tmp_path):

@@ -82,8 +82,8 @@ def test_tensorboard_events_and_jsonl_log(backbone, tmp_path, tensorboard_scalar
     scalars = tensorboard_scalars(tmp_path / "tensorboard")
     # 4 steps per epoch, each logged at the global step it completes; epoch means at the epoch's last step
     assert [step for step, _ in scalars["train/loss"]] == list(range(1, 9))
-    assert [step for step, _ in scalars["epoch/epoch_mean/loss"]] == [4, 8]
-    assert {"train/lr", "train/ce_cls", "train/ce_rep", "epoch/seconds"} <= set(scalars)
+    assert [step for step, _ in scalars["epoch mean/loss"]] == [4, 8]
+    assert {"train/learning rate", "train/cross-entropy, class-token branch", "epoch/seconds"} <= set(scalars)
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     step_losses = [line["loss"] for line in lines if "loss" in line]
     assert step_losses == pytest.approx([value for _, value in scalars["train/loss"]])

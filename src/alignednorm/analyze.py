@@ -34,7 +34,7 @@ from alignednorm.methods import Method, create_method
 log = logging.getLogger(__name__)
 
 SUBSETS = (("base", "seen"), ("new", "unseen"))
-ATTENTION_LAYERS = 4  # the last blocks, where the papers look at attention
+ATTENTION_LAYERS = 4  # without prompt tokens in the image tower: the last blocks, where the papers look
 OVERLAY_IMAGES = 4
 PROMPT_NORM_TERM = re.compile(r"^(?:ctx_norm_|prompt_norm\.)(\d+)$")  # per-position prompt norms logged each step
 
@@ -81,7 +81,12 @@ def _unnormalise(images: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def record_subset(method: Method, split: D.DatasetSplits, dataset: str, rule: str, batch_size: int = 32,
                   progress: bool = True, descriptions: str = "") -> SubsetRecord:
-    """One traced pass of ``method`` over ``split.test``: features, branches, norms and attention."""
+    """One traced pass of ``method`` over ``split.test``: features, branches, norms and attention.
+
+    Attention to prompts (Fig. 3c) covers every layer whose input holds prompt tokens (J..L for deep
+    prompts, whatever the method): the first batch traces every vision layer to find them, later
+    batches only those and the last layer (its class-token maps are Figs. 6-7).
+    """
     from alignednorm.analysis import class_attention_map, layer_norms, prompt_attention_share
 
     method.eval()
@@ -89,11 +94,12 @@ def record_subset(method: Method, split: D.DatasetSplits, dataset: str, rule: st
     transform = D.build_transform(method.backbone.image_size, train=False)
     loader = DataLoader(D.ImageListDataset(split.test, transform), batch_size=batch_size, collate_fn=skip_none_collate)
     backbone, record = method.backbone, SubsetRecord()
-    layers = tuple(range(max(1, backbone.vision_layers - ATTENTION_LAYERS + 1), backbone.vision_layers + 1))
+    last = backbone.vision_layers
+    traced, kept = tuple(range(1, last + 1)), None  # kept: the layers whose attention is averaged
     device = next(backbone.parameters()).device
     for images, labels in tqdm(loader, desc=f"analyze {dataset}/{rule}", disable=None if progress else True,
                                leave=False):
-        trace = Traces(image=Trace(attention_layers=layers)) if backbone.is_vit else None
+        trace = Traces(image=Trace(attention_layers=traced)) if backbone.is_vit else None
         out = method(images.to(device), rule=rule, trace=trace)
         record.features.append(out.features.cpu())
         record.labels.append(labels)
@@ -102,14 +108,22 @@ def record_subset(method: Method, split: D.DatasetSplits, dataset: str, rule: st
                 getattr(record, name).append(out.branches[name].cpu())
         if trace is not None:
             image = trace.image
+            if kept is None:
+                kept = _prompted_layers(image.positions, traced) or traced[-ATTENTION_LAYERS:]
+                traced = tuple(sorted({*kept, last}))
             record.add_mean("layer_norms", layer_norms(image.hidden, image.positions), len(labels))
-            record.add_mean("attention", prompt_attention_share(image.attention, image.positions), len(labels))
+            record.add_mean("attention", prompt_attention_share({k: image.attention[k] for k in kept},
+                                                                image.positions), len(labels))
             if record.overlays is None:
-                last = layers[-1]
                 maps = class_attention_map(image.attention[last][:OVERLAY_IMAGES], image.positions[last])
                 record.overlays = (_unnormalise(images[:OVERLAY_IMAGES]), maps)
         record.seen += len(labels)
     return record
+
+
+def _prompted_layers(positions: dict[int, tuple[int, int]], layers: tuple[int, ...]) -> tuple[int, ...]:
+    """The layers of ``layers`` whose input holds prompt tokens (``positions[layer] = (start, count)``)."""
+    return tuple(layer for layer in layers if positions.get(layer, (0, 0))[1] > 0)
 
 
 def prompt_norms_from_log(run_dir: Path) -> list[np.ndarray]:
@@ -133,11 +147,16 @@ def prompt_norms_from_log(run_dir: Path) -> list[np.ndarray]:
 
 
 def run_label(trained: TrainedRun) -> str:
-    """``method/variant/seedS`` from the runner's layout, else the folder name."""
-    parts = trained.run_dir.resolve().parts
+    """The report's name of the run's method and variant (a ``custom-<hash>`` variant by its ``--set`` /
+    ``--config`` settings, see :func:`alignednorm.results.run_label`) and ``/seedS`` from the runner's
+    layout; else the method and the folder name (an exported folder)."""
+    from alignednorm.results import run_label as report_label
+    from alignednorm.results import variant_settings
+
+    method, parts = trained.info["method"], trained.run_dir.resolve().parts
     if len(parts) >= 3 and parts[-1].startswith("seed"):
-        return f"{trained.info['method']}/{parts[-2]}/{parts[-1]}"
-    return f"{trained.info['method']}/{trained.run_dir.name}"
+        return f"{report_label(method, parts[-2], variant_settings(trained.run_dir))}/{parts[-1]}"
+    return f"{report_label(method, 'default')}/{trained.run_dir.name}"
 
 
 @dataclass
