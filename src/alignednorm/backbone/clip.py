@@ -4,7 +4,8 @@
 record) -> final norm -> pooling -> projection, in both towers. Only attribute names shared by
 OpenAI's archives and open_clip 3.x/4.x are touched (style.md §3). OpenAI's ResNet image towers
 (RN50, RN101) run as one frozen module: methods that only prompt the text tower (zero-shot, CoOp,
-CoCoOp, Nemesis, linear probe) work on them, vision hooks get a clear error. EVA-CLIP image towers
+CoCoOp, Nemesis, linear probe) work on them, vision hooks get a clear error; every output of their
+attention pool (the local features of OT scoring, PLOT) comes from :meth:`ClipBackbone.encode_image_tokens`. EVA-CLIP image towers
 (timm's ``Eva`` in open_clip's ``TimmModel``) run block by block in :mod:`alignednorm.backbone.eva`,
 and a text tower under ``model.text`` (``CustomTextCLIP``) is reached through :attr:`~ClipBackbone.text_tower`.
 """
