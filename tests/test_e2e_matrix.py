@@ -114,7 +114,7 @@ def test_report_predict_export_load_analyze(world):
         assert str(image) in _cli("predict", run, image)
         exported = world["root"] / "exported" / method
         _cli("export", run, exported)
-        loaded = alignednorm.load(exported)
+        loaded = alignednorm.load(exported, clip=world["clip"])  # an export names its backbone only
         top = loaded.predict([Image.open(image).convert("RGB")], ["thing 0", "thing 1"], 2)[0]
         assert [name for name, _ in top] and abs(sum(p for _, p in top) - 1.0) < 1e-4
     page = _cli("analyze", *runs, "--output", world["root"] / "analysis", "--max-images", 8, "--no-tsne",

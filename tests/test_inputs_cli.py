@@ -191,6 +191,8 @@ def test_export_analyze_bench_and_import_inputs(trained, json_dataset, clip_file
     assert f"{broken}: not a readable safetensors file" in message
     exported = tmp_path / "exported"
     _ok("export", trained, exported)
+    message = _error("analyze", exported, "--output", tmp_path / "an_export", "--data-root", json_dataset.root)
+    assert "names its backbone 'tiny.pt'" in message and "pass clip=PATH (Python) or --clip PATH" in message
     page = _ok("analyze", exported, "--output", tmp_path / "an_export", "--data-root", json_dataset.root,
-               "--max-images", 3, "--no-tsne")
+               "--max-images", 3, "--no-tsne", "--clip", clip_file)  # an export names its backbone only
     assert "wrote" in page and (tmp_path / "an_export" / "index.html").is_file()

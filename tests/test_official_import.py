@@ -67,7 +67,7 @@ def test_import_official_command_writes_a_loadable_folder(shared_dir, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "out" / "alignednorm_config.json").read_text())
     assert config["classnames"] == ["cat", "dog", "bird"] and config["method"] == "mmrlpp"
-    predictor = alignednorm.load(tmp_path / "out")
+    predictor = alignednorm.load(tmp_path / "out", clip=fixture / "clip_tiny.safetensors")  # recorded by name
     ours = predictor.method.learnable_state_dict()
     assert all(torch.equal(ours[official_to_ours(k)], v) for k, v in learnable.items())
     assert len(predictor.predict(torch.zeros(1, 3, 32, 32), topk=2)[0]) == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +9,7 @@ from typing import Annotated
 import typer
 
 from alignednorm.errors import AlignedNormError
-from alignednorm.protocols.cli import report_cmd, run_app
+from alignednorm.protocols.cli import GreedyListCommand, report_cmd, run_app, setup_logging, split_values
 
 app = typer.Typer(help="Prompt learning for CLIP-like models: AlignedNorm, MMRL++, MMRL and baselines.\n\n"
                        "Start with `alignednorm demo` (the whole pipeline on the built-in mini benchmark, on CPU), "
@@ -50,7 +49,7 @@ Sets = Annotated[list[str] | None, typer.Option("--set", help="Config override k
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose)
 
 
 def main() -> None:
@@ -123,18 +122,38 @@ def datasets_create(
                f"use --dataset {name} --data-root {root}")
 
 
-@datasets_app.command("check")
-def datasets_check(data_root: Annotated[Path, typer.Argument(help="the CoOp-layout data folder")],
-                   names: Annotated[list[str] | None, typer.Option("--dataset")] = None) -> None:
+@datasets_app.command("check", cls=GreedyListCommand)
+def datasets_check(
+    data_root_arg: Annotated[Path | None, typer.Argument(
+        metavar="[DATA_ROOT]", help="the CoOp-layout data folder (or --data-root; default: $DATA_ROOT)")] = None,
+    data_root: DataRoot = None,
+    names: Annotated[list[str] | None, typer.Option(
+        "--datasets", "--dataset", help="datasets to check, e.g. --datasets dtd mypets (or comma-separated); "
+                                        "default: every dataset present in DATA_ROOT")] = None,
+) -> None:
     """Report, per dataset, found / missing / broken and what the layout should be.
 
-    Exits with status 1 when any checked dataset is missing or broken, 0 when all are ok.
+    Without --datasets it judges the datasets present in the data folder (your own ones included) and
+    lists the catalog's others as not present; with --datasets, exactly those. Exits with status 1
+    when a judged dataset is missing or broken (or none is present), 0 when all are ok.
     """
-    from alignednorm.data import check_data_root, format_check
+    from alignednorm.data import check_data_root, format_check, list_datasets, resolve_data_root
 
+    if data_root_arg is not None and data_root is not None and data_root_arg != data_root:
+        raise AlignedNormError(f"two data folders given: {data_root_arg} and --data-root {data_root}; give one")
     _register_extras()
-    results = check_data_root(str(data_root), names or None)
+    root = resolve_data_root(data_root_arg or data_root)  # registers the root's own datasets too
+    asked = split_values(names) or None
+    if asked is None:
+        from alignednorm.data import get_dataset
+
+        present = [name for name in list_datasets() if (Path(root) / get_dataset(name).folder).exists()]
+        absent = [name for name in list_datasets() if name not in present]
+        asked = present or None  # nothing present: judge the whole catalog, with the layout each expects
+    results = check_data_root(root, asked)
     typer.echo(format_check(results))
+    if asked is not None and names is None and absent:
+        typer.echo(f"not present, not checked ({len(absent)}): {', '.join(absent)}; check one with --datasets NAME")
     if any(result.status != "ok" for result in results):
         raise typer.Exit(1)  # so the check can gate a script
 
@@ -151,54 +170,28 @@ def _one_job(method: str, dataset: str, data_root: Path | None, clip: Path, clip
              protocol: str, shots: int, seed: int, train_subset: str, evaluations, config: Path | None, sets,
              tag: str | None, force: bool, verbose: bool, resume: bool = True, step_suffix: str = "") -> dict:
     """``train`` and ``eval`` are one-job cases of the protocol runner: same layout, files and reuse rule."""
-    from alignednorm.data import resolve_data_root
-    from alignednorm.protocols.runner import EvalStep, SweepRequest, canonical_datasets, run_job
+    from alignednorm.predict import run_one
 
     _setup_logging(verbose)
     _register_extras()
-    data_root = resolve_data_root(data_root)  # first: it registers the root's own datasets
-    dataset = canonical_datasets([dataset])[0]
-    suites = _dataset_suites(dataset)
-    request = SweepRequest(method=method, data_root=data_root, clip=str(clip),
-                           output=str(output.resolve()), suite=suites[0] if suites else "paper", datasets=(dataset,),
-                           seeds=(seed,), shots=(shots,), clip_model=clip_model,
-                           config_file=str(config.resolve()) if config else None, sets=tuple(sets or ()), tag=tag,
-                           progress=True)
-    run_dir = request.run_dir(protocol, dataset, shots, seed)
-    step = EvalStep(dataset, str(run_dir / "eval" / f"{dataset}{step_suffix}"), tuple(evaluations), protocol=protocol)
-    job = request.job(protocol, dataset, shots, seed, train_subset, [step])
-    job.resume = resume
-    job.command = _command_line(request, protocol, dataset, shots, seed, train_subset, step_suffix)
-    metrics = run_job(job, force=force)[dataset]
+    try:
+        run_dir, metrics = run_one(method, dataset, data_root, clip, clip_model, output, protocol, shots, seed,
+                                   train_subset, evaluations, config, list(sets or ()), tag, force, resume, step_suffix)
+    except KeyboardInterrupt:
+        from alignednorm.protocols.cli import interrupted_message
+
+        typer.secho(interrupted_message(), err=True, fg="yellow")
+        raise typer.Exit(130) from None
+    if metrics["reused"]:
+        typer.echo("reused: this run and its evaluation finished before with the same settings (--force re-runs them)")
     for name, result in metrics["eval"].items():
-        head = f"{method} {dataset}/{result['classes']} ({name}, rule {result['rule']})"
+        head = f"{method} {metrics['target']}/{result['classes']} ({name}, rule {result['rule']})"
         if result["accuracy"] is None:
             typer.echo(f"{head}: not applicable: {result.get('not_applicable', '')}")
             continue
         typer.echo(f"{head}: {result['accuracy']:.2f}% on {result['num_samples']} images")
     typer.echo(f"run folder: {run_dir}")
     return metrics
-
-
-def _command_line(request, protocol, dataset, shots, seed, train_subset, step_suffix) -> str:
-    """The ``train``/``eval`` command that reproduces a job (recorded in run.json and model cards)."""
-    from alignednorm.engine.run import format_command
-
-    words = (["eval", "--method", request.method, "--dataset", dataset, "--subset", step_suffix[1:]] if protocol == "eval"
-             else ["train", "--method", request.method, "--dataset", dataset, "--protocol", protocol, "--shots", shots,
-                   "--seed", seed, "--subset", train_subset])
-    words += ["--data-root", request.data_root, "--clip", request.clip]
-    words += ["--clip-model", request.clip_model] if request.clip_model else []
-    words += ["--config", request.config_file] if request.config_file else []
-    words += [w for item in request.sets for w in ("--set", item)]
-    words += ["--tag", request.tag] if request.tag else []
-    return format_command(["alignednorm", *words])
-
-
-def _dataset_suites(dataset: str) -> tuple[str, ...]:
-    from alignednorm.data import get_dataset
-
-    return tuple(get_dataset(dataset).suites)
 
 
 def _check_choice(value: str, choices, option: str) -> str:
@@ -283,43 +276,65 @@ def train_cmd(
              config, sets, tag, force, verbose, resume)
 
 
-@app.command("demo")
+class _DemoCommand(GreedyListCommand):
+    greedy = ("--datasets", "--methods")
+
+
+GeneratedRoot = Annotated[Path | None, typer.Option(
+    "--data-root", help="where the mini world is generated, under DATA_ROOT/mini (default: $DATA_ROOT, else ./data)")]
+MiniDatasets = Annotated[list[str] | None, typer.Option(
+    "--datasets", help="mini datasets, e.g. --datasets mini_shapes mini_textures (or comma-separated; default: all)")]
+
+
+def _generated_root(data_root: Path | None) -> Path:
+    """``--data-root`` where the mini world is written: as everywhere, ``$DATA_ROOT`` when not given
+    (here ``./data`` when that is unset too, since the folder is created)."""
+    import os
+
+    value = data_root if data_root is not None else Path(os.environ.get("DATA_ROOT") or "data")
+    return Path(os.path.abspath(os.path.expanduser(value)))
+
+
+@app.command("demo", cls=_DemoCommand)
 def demo_cmd(
     output: Annotated[Path, typer.Option(help="runs folder")] = Path("runs/demo"),
-    data_root: Annotated[Path, typer.Option(help="where the mini world is generated")] = Path("data"),
-    methods: Annotated[str, typer.Option(help="comma-separated methods")] = "zeroshot,mmrlpp,alignednorm",
+    data_root: GeneratedRoot = None,
+    methods: Annotated[list[str] | None, typer.Option(
+        "--methods", help="methods, e.g. --methods zeroshot mmrlpp alignednorm (or comma-separated)")] = None,
     seed: int = 1,
-    datasets: Annotated[str | None, typer.Option(help="comma-separated mini datasets (default: all)")] = None,
+    datasets: MiniDatasets = None,
     sets: Sets = None,
     force: bool = False,
     verbose: bool = False,
 ) -> None:
     """Base-to-new on the built-in mini benchmark with the shipped tiny CLIP (CPU, minutes)."""
-    from alignednorm.demo import run_demo
+    from alignednorm.demo import DEMO_METHODS, run_demo
 
     _setup_logging(verbose)
-    run_demo(output, data_root, tuple(m.strip() for m in methods.split(",") if m.strip()), seed,
-             tuple(d.strip() for d in datasets.split(",")) if datasets else None, force, echo=typer.echo,
-             sets=tuple(sets or ()))
+    try:
+        run_demo(output, _generated_root(data_root), tuple(split_values(methods)) or DEMO_METHODS, seed,
+                 tuple(split_values(datasets)) or None, force, echo=typer.echo, sets=tuple(sets or ()))
+    except KeyboardInterrupt:
+        from alignednorm.protocols.cli import interrupted_message
+
+        typer.secho(interrupted_message(), err=True, fg="yellow")
+        raise typer.Exit(130) from None
 
 
-@mini_app.command("generate")
-def mini_generate_cmd(
-    data_root: Annotated[Path, typer.Option(help="where the mini world is written (under DATA_ROOT/mini)")] = Path("data"),
-    datasets: Annotated[str | None, typer.Option(help="comma-separated mini datasets (default: all)")] = None,
-) -> None:
+@mini_app.command("generate", cls=GreedyListCommand)
+def mini_generate_cmd(data_root: GeneratedRoot = None, datasets: MiniDatasets = None) -> None:
     """Generate the mini benchmark's images and split files in the CoOp layout (skipped when present).
 
     Then any command takes `--data-root DATA_ROOT --clip mini --dataset mini_shapes` (or `--suite mini`).
     """
     from alignednorm.mini import generate_world
 
-    names = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
+    root = _generated_root(data_root)
     try:
-        generate_world(data_root, names=names)
+        generate_world(root, names=split_values(datasets) or None)
     except KeyError as exc:
         raise AlignedNormError(str(exc.args[0])) from None
-    typer.echo(f"mini world ready under {data_root / 'mini'}; use --data-root {data_root} --clip mini")
+    typer.echo(f"mini world ready under {root / 'mini'}; use --data-root {root} --clip mini")
 
 
 @app.command("analyze")
@@ -341,10 +356,19 @@ def analyze_cmd(
 
     _setup_logging(verbose)
     _register_extras()
+    clip = clip or _exported_backbone(run_dirs)
     options = AnalysisOptions(data_root=str(data_root) if data_root else None, clip=str(clip) if clip else None,
                               max_images=max_images, zeroshot=zeroshot, tsne=tsne, seed=seed, device=device)
     page = analyze_runs(run_dirs, output, options)
     typer.echo(f"wrote {page}")
+
+
+def _exported_backbone(run_dirs: list[Path]) -> Path | None:
+    """The backbone of the exported folders among ``run_dirs``, found by name and SHA-256 (see alignednorm.load)."""
+    from alignednorm.predict import exported_backbone
+
+    found = [path for path in (exported_backbone(Path(d)) for d in run_dirs) if path is not None]
+    return found[0] if found else None
 
 
 @app.command("corrupt")
@@ -361,6 +385,7 @@ def corrupt_cmd(
     from alignednorm.analyze import AnalysisOptions, corruption_runs
 
     _register_extras()
+    clip = clip or _exported_backbone(run_dirs)
     options = AnalysisOptions(data_root=str(data_root) if data_root else None, clip=str(clip) if clip else None,
                               max_images=max_images, seed=seed)
     typer.echo(corruption_runs(run_dirs, options, output))
@@ -404,11 +429,17 @@ def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a finished training run folder")],
     out_dir: Annotated[Path, typer.Argument(help="the folder to write (config JSON, safetensors, model card)")],
     force: Annotated[bool, typer.Option(help="write into a non-empty folder")] = False,
+    license: Annotated[str, typer.Option(help="the model card's license (a Hugging Face hub license id)")] = "mit",
 ) -> None:
-    """Write a self-contained, shareable folder of a trained prompt (loads with alignednorm.load / predict)."""
+    """Write a self-contained, shareable folder of a trained prompt (loads with alignednorm.load / predict).
+
+    It holds no path of this machine: the backbone is recorded by file name and SHA-256 (pass it to
+    load / predict with clip= / --clip, or keep the file beside the folder), the data folder is DATA in
+    the recorded command. The model card (README.md) carries the Hugging Face hub's metadata.
+    """
     from alignednorm.export import export_run
 
-    typer.echo(f"wrote {export_run(run_dir, out_dir, force=force)}")
+    typer.echo(f"wrote {export_run(run_dir, out_dir, force=force, license=license)}")
 
 
 @app.command("import-official")
@@ -446,13 +477,17 @@ def import_official_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder, or a folder written by export")],
     images: Annotated[list[Path], typer.Argument(help="image files or folders")],
     classes: Annotated[str | None, typer.Option(help="comma-separated class names (default: the run's)")] = None,
     classes_file: Annotated[Path | None, typer.Option(help="a file with one class name per line")] = None,
     topk: Annotated[int | None, typer.Option(help="labels per image (default 5; more than the classes: all of them)"
                                              )] = None,
-    clip: Annotated[Path | None, typer.Option(help="backbone file, if it moved since training")] = None,
+    clip: Annotated[Path | None, typer.Option(help="backbone file, if it moved since training (or an exported "
+                                                   "folder's backbone)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object per image (JSON Lines)")] = False,
+    output: Annotated[Path | None, typer.Option(help="also write the predictions to this .csv (image, rank, "
+                                                     "label, probability) or .json file")] = None,
 ) -> None:
     """Top-k labels with probabilities for images (rule: seen for training classes, else unseen).
 
@@ -461,27 +496,68 @@ def predict_cmd(
     """
     from alignednorm.predict import image_paths, load, open_images
 
-    names = None
-    if classes_file is not None:
-        if not classes_file.is_file():
-            raise AlignedNormError(f"class-name file {classes_file} does not exist")
-        names = [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
-    elif classes is not None:
-        names = [c.strip() for c in classes.split(",") if c.strip()]
-        if not names:
-            raise AlignedNormError(f"--classes {classes!r}: no class names; give comma-separated names or omit it")
+    if output is not None and output.suffix.lower() not in (".csv", ".json"):
+        raise AlignedNormError(f"--output {output}: expected a .csv or .json file name")
+    if output is not None and output.is_dir():
+        raise AlignedNormError(f"--output {output} is a folder; expected a .csv or .json file name")
+    names = _class_names(classes, classes_file)
     predictor = load(run_dir, clip=clip)
     paths, opened, skipped = open_images(image_paths(images))
     if not opened:
         first = next(iter(skipped.values()))
         raise AlignedNormError(first if len(skipped) == 1 else f"none of the {len(skipped)} files is a readable image "
                                                                f"(first: {first})")
-    for path, reason in skipped.items():
+    for reason in skipped.values():
         typer.secho(f"skipped {reason}", err=True, fg="yellow")
-    for path, top in zip(paths, predictor.predict(opened, names, topk)):
-        typer.echo(f"{path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in top))
+    rows = [{"image": str(path), "labels": [{"label": name, "probability": round(prob, 6)} for name, prob in top]}
+            for path, top in zip(paths, predictor.predict(opened, names, topk))]
+    for row in rows:
+        typer.echo(_json_line(row) if as_json else f"{row['image']}: " + ", ".join(
+            f"{x['label']} {x['probability']:.3f}" for x in row["labels"]))
+    if output is not None:
+        _write_predictions(rows, output)
+        typer.echo(f"wrote {output}", err=True)
     if skipped:
         raise typer.Exit(1)
+
+
+def _class_names(classes: str | None, classes_file: Path | None) -> list[str] | None:
+    if classes_file is not None:
+        if not classes_file.is_file():
+            raise AlignedNormError(f"class-name file {classes_file} does not exist")
+        return [line.strip() for line in classes_file.read_text().splitlines() if line.strip()]
+    if classes is not None:
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+        if not names:
+            raise AlignedNormError(f"--classes {classes!r}: no class names; give comma-separated names or omit it")
+        return names
+    return None
+
+
+def _json_line(row: dict) -> str:
+    import json
+
+    return json.dumps(row, ensure_ascii=False)
+
+
+def _write_predictions(rows: list[dict], path: Path) -> None:
+    """``.csv``: one row per image and rank; ``.json``: the list of per-image objects (written atomically)."""
+    import csv
+    import io
+    import json
+
+    from alignednorm.engine.io import write_text
+
+    if path.suffix.lower() == ".json":
+        write_text(path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "rank", "label", "probability"])
+    for row in rows:
+        for rank, label in enumerate(row["labels"], 1):
+            writer.writerow([row["image"], rank, label["label"], f"{label['probability']:.6f}"])
+    write_text(path, buffer.getvalue())
 
 
 if __name__ == "__main__":

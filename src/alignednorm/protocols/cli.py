@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -62,22 +63,58 @@ class GreedyListCommand(TyperCommand):
         return super().parse_args(ctx, out)
 
 
-def _split(values: list[str] | None) -> list[str]:
+def split_values(values: list[str] | None) -> list[str]:
     """Repeated and comma- or space-separated values, in order, without duplicates."""
     return list(dict.fromkeys(v for item in values or [] for v in re.split(r"[,\s]+", item.strip()) if v))
 
 
 def _ints(values: list[str] | None, option: str) -> tuple[int, ...] | None:
     try:
-        parsed = tuple(dict.fromkeys(int(v) for v in _split(values)))
+        parsed = tuple(dict.fromkeys(int(v) for v in split_values(values)))
     except ValueError:
         raise ConfigError(f"{option} {' '.join(values or [])!r}: expected integers, e.g. {option} 1,2,3") from None
     return parsed or None
 
 
-def _setup_logging(verbose: bool) -> None:
+class _ProgressHandler(logging.StreamHandler):
+    """Plain lines on the current ``sys.stderr`` (a test runner may replace it between commands)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the current stderr is always used
+        pass
+
+
+def setup_logging(verbose: bool) -> None:
+    """Warnings (everything with ``--verbose``), and the progress lines where no progress bar shows.
+
+    Progress bars need a terminal: when stderr is a log file, a pipe or CI, the ``alignednorm.progress``
+    lines (each job's start and end with its accuracies, each epoch's loss and validation accuracy)
+    are printed instead, on stderr, so stdout keeps only the results.
+    """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    progress = logging.getLogger("alignednorm.progress")
+    for handler in [h for h in progress.handlers if isinstance(h, _ProgressHandler)]:
+        progress.removeHandler(handler)
+    lines = not verbose and not sys.stderr.isatty()  # --verbose logs them with everything else
+    if lines:
+        handler = _ProgressHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        progress.addHandler(handler)
+    progress.setLevel(logging.INFO if lines else logging.NOTSET)
+    progress.propagate = not lines  # never twice
+
+
+def interrupted_message() -> str:
+    """What Ctrl-C prints: the same command resumes (finished runs are reused, an interrupted one continues)."""
+    from alignednorm.engine.run import format_command
+
+    return ("interrupted; run the same command again to resume (finished runs are reused, the interrupted run "
+            f"continues from its last finished epoch): {format_command(['alignednorm', *sys.argv[1:]])}")
 
 
 def _register_extras() -> None:
@@ -114,15 +151,15 @@ def _make_run_command(protocol: str):
         from alignednorm.engine.run import format_command
 
         from . import expand
-        from .runner import SweepRequest
+        from .runner import SweepRequest, is_finished
         from .sweep import ExecutorOptions, run_sweep
 
-        _setup_logging(verbose)
+        setup_logging(verbose)
         _register_extras()
         clip_file, clip_model = backbone_source(clip, clip_model, clip_pretrained)
         request = SweepRequest(
             method=method, data_root=resolve_data_root(data_root), clip=str(clip_file),
-            output=str(output.resolve()), suite=suite, datasets=tuple(_split(datasets)) or None,
+            output=str(output.resolve()), suite=suite, datasets=tuple(split_values(datasets)) or None,
             seeds=_ints(seeds, "--seeds") or (1, 2, 3), shots=_ints(shots, "--shots"), clip_model=clip_model,
             config_file=str(config.resolve()) if config else None, sets=tuple(sets or ()), tag=tag, device=device,
             progress=executor == "inline")
@@ -137,8 +174,13 @@ def _make_run_command(protocol: str):
         options = ExecutorOptions(partition=partition, gpus=gpus, cpus=cpus, timeout_min=time, mem=mem,
                                   array_parallelism=array_parallelism, account=account, qos=qos,
                                   slurm_args=tuple(slurm_arg or ()))
-        outcome = run_sweep(jobs, executor, force=force, options=options, output=request.output)
-        _summarise(protocol, output, outcome, len(jobs))
+        reused = set() if force else {job.name for job in jobs if is_finished(job)}
+        try:
+            outcome = run_sweep(jobs, executor, force=force, options=options, output=request.output)
+        except KeyboardInterrupt:
+            typer.secho(interrupted_message(), err=True, fg="yellow")
+            raise typer.Exit(130) from None
+        _summarise(protocol, output, outcome, jobs, reused)
 
     command.__doc__ = DOCS[protocol]
     command.__name__ = f"run_{protocol}"
@@ -157,21 +199,27 @@ def _request_words(request) -> list:
     return words + (["--tag", request.tag] if request.tag else [])
 
 
-def _summarise(protocol: str, output: Path, outcome, total: int) -> None:
+def _summarise(protocol: str, output: Path, outcome, jobs: list, reused: set[str]) -> None:
+    """The tables of the jobs this command ran or reused (not of everything else in ``output``), then counts."""
     if outcome.submitted:
         ids = sorted(set(outcome.submitted.values()))
         typer.echo(f"submitted {len(outcome.submitted)} jobs to SLURM ({ids[0]} … {ids[-1]}); "
                    f"when they finish: alignednorm report {output}")
         return
-    from alignednorm.results import render_all
+    from alignednorm.results import collect, render_all
 
-    from .tables import build_report
+    from .tables import build_tables
 
     prefix = {"base2new": "table1", "crossdataset": "table2", "domaingen": "table3", "fewshot": "table4"}[protocol]
-    tables = [t for t in build_report(output) if t.key.startswith(prefix)]
+    ours = {Path(step.run_dir).resolve() for job in jobs for step in job.evals}
+    records = [r for r in collect(output) if Path(r.path).parent.resolve() in ours]
+    tables = [t for t in build_tables(records) if t.key.startswith(prefix)]
     if tables:
         typer.echo(render_all(tables, "md"))
-    typer.echo(f"{len(outcome.finished)} of {total} jobs finished; runs in {output}")
+    note = (f" ({len(reused)} reused: finished before with the same settings; --force re-runs them)" if reused
+            else "")
+    typer.echo(f"{len(outcome.finished)} of {len(jobs)} jobs finished{note}; runs in {output}; "
+               f"all runs there: alignednorm report {output}")
     if outcome.failed:
         for name, error in outcome.failed.items():
             typer.secho(f"failed: {name}: {error}", err=True, fg="red")

@@ -23,6 +23,7 @@ from alignednorm.errors import AlignedNormError
 from .runner import Job, is_finished, load_backbone, run_job
 
 log = logging.getLogger(__name__)
+progress_log = logging.getLogger("alignednorm.progress")  # one line per job start and end (see engine.tracking)
 
 EXECUTORS = ("inline", "local", "slurm")
 
@@ -104,12 +105,13 @@ def run_inline(jobs: list[Job], force: bool = False) -> SweepOutcome:
     """Run the jobs here, one by one; a failing job is logged and the others still run."""
     outcome, backbones = SweepOutcome(), {}
     for k, job in enumerate(jobs, 1):
-        log.info("[%d/%d] %s", k, len(jobs), job.name)
+        progress_log.info("[%d/%d] started %s", k, len(jobs), job.name)
         key = (job.clip, job.clip_model, job.device)
         try:
             if key not in backbones:
                 backbones = {key: load_backbone(job)}  # keep one backbone in memory
-            run_job(job, force=force, backbone=backbones[key])
+            results = run_job(job, force=force, backbone=backbones[key])
+            progress_log.info("[%d/%d] finished %s: %s", k, len(jobs), job.name, accuracies(results))
             outcome.finished.append(job.name)
         except AlignedNormError as exc:  # a user-facing error: its one line says it all
             log.error("%s failed: %s", job.name, exc)
@@ -118,6 +120,16 @@ def run_inline(jobs: list[Job], force: bool = False) -> SweepOutcome:
             log.error("%s failed:\n%s", job.name, traceback.format_exc())  # a bug: keep the traceback
             outcome.failed[job.name] = f"{type(exc).__name__}: {exc}"
     return outcome
+
+
+def accuracies(results: dict[str, dict]) -> str:
+    """``dtd base 80.12%, new 70.05%`` from :func:`run_job`'s ``{target: metrics}``."""
+    parts = []
+    for target, metrics in results.items():
+        values = [f"{name} {'n/a' if r.get('accuracy') is None else format(r['accuracy'], '.2f') + '%'}"
+                  for name, r in (metrics.get("eval") or {}).items()]
+        parts.append(f"{target} {', '.join(values)}")
+    return "; ".join(parts) or "no evaluation"
 
 
 def _submitit():
@@ -154,7 +166,7 @@ def run_local(jobs: list[Job], folder: str, force: bool = False,
             executor.update_parameters(timeout_min=options.timeout_min, gpus_per_node=0 if gpu is None else 1,
                                        visible_gpus=() if gpu is None else (gpu,))
             running[executor.submit(run_submitted, job, force)] = (job, gpu)
-            log.info("started %s%s", job.name, "" if gpu is None else f" on GPU {gpu}")
+            progress_log.info("started %s%s", job.name, "" if gpu is None else f" on GPU {gpu}")
         for handle in [h for h in running if h.done()]:
             job, gpu = running.pop(handle)
             free.append(gpu)
@@ -165,7 +177,7 @@ def run_local(jobs: list[Job], folder: str, force: bool = False,
 
 def _collect(handle, job: Job, outcome: SweepOutcome) -> None:
     try:
-        handle.result()
+        progress_log.info("finished %s: %s", job.name, accuracies(handle.result()))
         outcome.finished.append(job.name)
     except Exception as exc:  # noqa: BLE001  (the job's own error, re-raised by submitit; reported below)
         log.error("%s failed (logs: %s): %s", job.name, handle.paths.stderr, exc)
