@@ -35,6 +35,10 @@ SECTIONS = {"TRAINER.PLOTNemesis": "plot_nemesis", "TRAINER.PLOT": "plot"}
 # ~ 1e3): a float32 rounding of the cost, amplified by 1/eps, moves them by ~1e-6 of their size. They are
 # compared relative to their largest entry, at the hidden-state tolerance (1e-5 of it).
 RELATIVE = ("ot.K", "ot.r", "ot.c")
+# Sinkhorn's last error is a mean of differences of those ~1e3 row scalings (~6e-3 at exit): float32 keeps
+# two to three of its digits (fixture A: 1.6e-3 relative), so it is compared to 1% of itself; the exact
+# iteration counts (ot.iterations, eval_after_step.ot_iterations) pin the stop rule.
+SELF_RELATIVE = {"ot.final_err": 1e-2}
 
 
 def _plot_config(manifest: dict, official: dict) -> dict:
@@ -189,6 +193,9 @@ def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
                 initial = start[key.removeprefix("after_step.")]
                 results[key] = _compare_step(key, ours[key], ref, initial, tol)
                 results[key.replace("after_step.", "after_step_value.", 1)] = compare(key, ours[key], ref, tol)
+            elif key in SELF_RELATIVE:
+                scale = float(ref.abs().max()) if ref.numel() else 0.0
+                results[key] = compare(key, ours[key], ref, {**tol, "hidden": SELF_RELATIVE[key] * scale})
             elif key in RELATIVE:
                 scale = float(ref.abs().max()) if ref.numel() else 0.0
                 results[key] = compare(key, ours[key], ref, {**tol, "hidden": tol["hidden"] * max(scale, 1e-30)})
