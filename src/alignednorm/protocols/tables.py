@@ -1,5 +1,6 @@
 """The paper's tables (1: base-to-new, 2: cross-dataset, 3: domain generalisation, 4/11: few-shot,
-and a summary of base-to-new averages per method variant for the ablations) built from run records.
+a summary of base-to-new averages per method variant for the ablations, and Nemesis's Table 3 PAN
+ablation over few-shot runs) built from run records.
 
 Rows and columns follow the suite the runs name (the paper's 11 datasets, 10 cross-dataset targets
 and 4 ImageNet variants), so runs that do not exist show up as missing cells. Conventions
@@ -9,8 +10,10 @@ and 4 ImageNet variants), so runs that do not exist show up as missing cells. Co
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+import yaml
 
 from alignednorm.data.catalog import Suite, get_suite, list_datasets, list_suites
 from alignednorm.results import (
@@ -293,6 +296,113 @@ def _transfer_table(kind: str, source: str, shots: int, targets: list[str], recs
     return table
 
 
+# -------------------------------------------------------------------------------------- PAN ablation
+PAN_TERMS = ("pan", "both")  # the Nemesis ``terms`` that run PAN, whose N and selection Table 3 varies
+
+
+def _method_settings(metrics: Path) -> dict:
+    """The ``method`` section an evaluation ran with: its folder's ``config.yaml``, else its training run's."""
+    folders = [metrics.parent] + ([metrics.parents[2]] if len(metrics.parents) > 2 else [])
+    for folder in folders:
+        try:
+            config = yaml.safe_load((folder / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict) and isinstance(config.get("method"), dict):
+            return config["method"]
+    return {}
+
+
+def _pan_default(method: str) -> tuple[int, bool]:
+    """The method's default ``(pan_positions, pan_search)``: the row the paper marks "(default)"."""
+    from alignednorm.errors import ConfigError
+    from alignednorm.methods import get_method_class
+
+    try:
+        defaults = {f.name: f.default for f in fields(get_method_class(method).Config)}
+    except ConfigError:
+        return 1, True
+    return int(defaults.get("pan_positions", 1)), bool(defaults.get("pan_search", True))
+
+
+def _pan_row_name(positions: int, search: bool, default: tuple[int, bool], label: str | None) -> str:
+    name = f"N = {positions}" + ("" if search else " w/o selection")
+    name += " (default)" if (positions, search) == default else ""
+    return f"{name} [{label}]" if label else name
+
+
+def pan_ablation_tables(records: list[Record], suite: str | None = None) -> list[Table]:
+    """Nemesis's Table 3: few-shot accuracy of PAN per number of corrupted positions N, with and without selection.
+
+    The rows are the few-shot runs of a method with a ``pan_positions`` setting whose ``terms`` run PAN
+    (read from each evaluation's ``config.yaml``), one row per ``(N, pan_search)``, ordered as the paper
+    (N ascending, "w/o selection" first); the columns are K. A table is built per method and dataset
+    once its PAN runs hold at least two such settings (e.g. ``--tag pan-n2 --set method.pan_positions=2``),
+    plus the average over datasets when there are several. Two variants with the same N and selection
+    (e.g. other ω) are both kept, named by their labels.
+    """
+    runs: dict[str, list[tuple[tuple[int, bool], Record]]] = defaultdict(list)
+    settings: dict[str, dict] = {}
+    for rec in records:
+        if rec.protocol != "fewshot":
+            continue
+        if rec.path not in settings:
+            settings[rec.path] = _method_settings(Path(rec.path))
+        method_cfg = settings[rec.path]
+        if method_cfg.get("terms") not in PAN_TERMS or "pan_positions" not in method_cfg:
+            continue
+        runs[rec.method].append(((int(method_cfg["pan_positions"]), bool(method_cfg.get("pan_search", True))), rec))
+    tables = []
+    for method, found in sorted(runs.items()):
+        if len({key for key, _ in found}) < 2:
+            continue  # one setting of N and selection: nothing to ablate
+        tables += _pan_method_tables(method, found, suite)
+    return tables
+
+
+def _pan_method_tables(method: str, found: list[tuple[tuple[int, bool], Record]], suite: str | None) -> list[Table]:
+    labels_of: dict[tuple[int, bool], set[str]] = defaultdict(set)
+    for key, rec in found:
+        labels_of[key].add(rec.label)
+    default = _pan_default(method)
+    rows = sorted({(key, rec.label) for key, rec in found}, key=lambda r: (r[0][0], r[0][1], r[1]))
+    names = {(key, label): _pan_row_name(*key, default, label if len(labels_of[key]) > 1 else None)
+             for key, label in rows}
+    recs = [rec for _, rec in found]
+    datasets, _ = _per_dataset_rows(recs, suite, None)
+    datasets = [ds for ds in datasets if any(r.target == ds for r in recs)]
+    ks = sorted(set(FEW_SHOT_K) | {r.shots for r in recs})
+    header = [f"K={k}" for k in ks]
+    note = ("PAN with N positions drawn and rescaled per batch (method.pan_positions); 'w/o selection' weighs the "
+            "N drawn positions without the pre-inference test (method.pan_search=false). Nemesis Table 3 layout.")
+    cells: dict[str, dict[tuple, list[Cell]]] = {}
+    tables = []
+    for ds in datasets:
+        table = Table(f"table_ablation_pan_{method}_{ds}", f"PAN ablation (Nemesis Table 3): {method} on {ds}", header,
+                      row_header="variant", meta={"protocol": "fewshot", "method": method, "dataset": ds})
+        for key, label in rows:
+            members = [rec for k, rec in found if k == key and rec.label == label]
+            row = [_stat(members, target=ds, shots=k) for k in ks]
+            cells.setdefault(ds, {})[(key, label)] = row
+            table.rows.append((names[(key, label)], row))
+        table.notes.append(note)
+        tables.append(table)
+    if len(datasets) > 1:
+        table = Table(f"table_ablation_pan_{method}_average", f"PAN ablation (Nemesis Table 3): {method}, "
+                      f"average over {len(datasets)} datasets", header, row_header="variant",
+                      meta={"protocol": "fewshot", "method": method})
+        partial = False
+        for row_key in rows:
+            columns = [[cells[ds][row_key][i] for ds in datasets] for i in range(len(ks))]
+            partial |= any(0 < sum(not c.missing for c in col) < len(datasets) for col in columns)
+            table.rows.append((names[row_key], [mean_of(col) for col in columns]))
+        table.notes.append(f"Mean over {', '.join(datasets)}.")
+        if partial:
+            table.notes.append("Some cells average over the datasets present only.")
+        tables.append(table)
+    return tables
+
+
 def build_tables(records: list[Record], suite: str | None = None, compare: str | None = None) -> list[Table]:
     """Every table the records allow, in the paper's order (1, 2, 3, 4, ablations)."""
     if compare not in (None, "paper"):
@@ -301,7 +411,7 @@ def build_tables(records: list[Record], suite: str | None = None, compare: str |
     b2n = base_to_new_tables(records, suite, paper)
     tables = [t for t in b2n if not t.key.startswith("table_ablation")]
     tables += transfer_tables(records, suite, paper) + few_shot_tables(records, suite, paper)
-    return tables + [t for t in b2n if t.key.startswith("table_ablation")]
+    return tables + [t for t in b2n if t.key.startswith("table_ablation")] + pan_ablation_tables(records, suite)
 
 
 def build_report(root: str | Path, suite: str | None = None, compare: str | None = None) -> list[Table]:
