@@ -146,6 +146,20 @@ def prompt_norms_from_log(run_dir: Path) -> list[np.ndarray]:
     return [per_epoch[e] for e in sorted(per_epoch)]
 
 
+def epoch_test_accuracy(run_dir: Path) -> dict[int, float]:
+    """``{epoch: test accuracy %}`` logged under ``train.eval_test_every_epoch`` (the last record of each epoch)."""
+    path = run_dir / "log.jsonl"
+    found: dict[int, float] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(entry, dict) and isinstance(entry.get("test_accuracy"), int | float) and "epoch" in entry:
+            found[int(entry["epoch"])] = float(entry["test_accuracy"])
+    return dict(sorted(found.items()))
+
+
 def run_label(trained: TrainedRun) -> str:
     """The report's name of the run's method and variant (a ``custom-<hash>`` variant by its ``--set`` /
     ``--config`` settings, see :func:`alignednorm.results.run_label`) and ``/seedS`` from the runner's
@@ -197,7 +211,7 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, options: Analys
         raise AlignedNormError(f"--output {output} is a file; analyze writes a folder (PNGs, numbers, index.html)")
     options.device = str(resolve_device(options.device))
     records: dict[str, dict[str, SubsetRecord]] = {}
-    configs, skipped, prompt_norms = {}, {}, {}
+    configs, skipped, prompt_norms, test_accuracy = {}, {}, {}, {}
     first: TrainedRun | None = None
     for run_dir in run_dirs:
         trained = load_run(run_dir, clip=options.clip, device=options.device)
@@ -209,12 +223,13 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, options: Analys
         norms = prompt_norms_from_log(Path(run_dir))
         if norms:
             prompt_norms[label] = norms
+            test_accuracy[label] = epoch_test_accuracy(Path(run_dir))
     if first is None:
         raise AlignedNormError("no run folders given; pass at least one RUN_DIR")
     if options.zeroshot:
         reference = create_method("zeroshot", first.method.backbone)
         records["zero-shot CLIP"] = _record_run(first, reference, options, skipped, "zero-shot CLIP")
-    figures = _figures(records, prompt_norms, output, options, skipped)
+    figures = _figures(records, prompt_norms, output, options, skipped, test_accuracy)
     from alignednorm.analysis import write_report
     from alignednorm.protocols.tables import run_accuracy_table
 
@@ -256,7 +271,8 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors) if tensors else torch.empty(0)
 
 
-def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skipped: dict) -> list:
+def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skipped: dict,
+             test_accuracy: dict | None = None) -> list:
     from alignednorm.analysis import FigureEntry, embedding_geometry, norm_ratio, ratio_summary, tsne_embed
 
     try:
@@ -328,8 +344,17 @@ def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skip
                 for label, s in records.items() if "new" in s}
         add("tsne", "t-SNE of base and new image embeddings (Fig. 4)", P.plot_tsne, tsne,
             {k: {"perplexity": v["perplexity"]} for k, v in tsne.items()}, "Seeded; base and new computed together.")
-    add("prompt_norms", "Prompt norm per position over training epochs (Nemesis)", P.plot_prompt_norms_over_epochs,
-        prompt_norms, {k: np.stack(v) for k, v in prompt_norms.items()}, "Read from each run's log.jsonl.")
+    accuracy = {k: v for k, v in (test_accuracy or {}).items() if v and k in prompt_norms}
+    norm_numbers = {k: {"norm_per_position": np.stack(v), "epoch": np.array(list(accuracy[k])),
+                        "test_accuracy": np.array(list(accuracy[k].values()))} if k in accuracy else np.stack(v)
+                    for k, v in prompt_norms.items()}
+    caption = "Read from each run's log.jsonl."
+    if accuracy:
+        caption += (" Right: test accuracy per epoch (train.eval_test_every_epoch) beside the mean prompt norm, "
+                    "as Nemesis's Fig. 3.")
+    add("prompt_norms", "Prompt norm per position over training epochs (Nemesis Figs. 3, A2-A3)",
+        lambda data, path: P.plot_prompt_norms_over_epochs(data, path, test_accuracy=accuracy), prompt_norms,
+        norm_numbers, caption)
     if not prompt_norms:
         skipped["prompt norms over epochs"] = "no run logged per-position prompt norms (ctx_norm_<i> terms, as CoOp-style methods do)"
     return figures

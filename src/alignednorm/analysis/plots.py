@@ -259,8 +259,12 @@ def plot_tsne(results: Mapping[str, Mapping[str, np.ndarray]], path: str | Path)
 
 
 def plot_prompt_norms_over_epochs(per_epoch: Sequence[np.ndarray] | Mapping[str, Sequence[np.ndarray]],
-                                  path: str | Path, epochs: Sequence[int] | None = None) -> Path:
+                                  path: str | Path, epochs: Sequence[int] | None = None,
+                                  test_accuracy: Mapping[str, Mapping[int, float]] | None = None) -> Path:
     """Soft-prompt norm per position over training (Nemesis Figs. A2-A3), one line per position.
+
+    With ``test_accuracy``, each run's row gets a second panel as Nemesis's Fig. 3: the test accuracy over
+    epochs (left axis) beside the mean norm of all prompt vectors (right axis).
 
     Args:
         per_epoch: one array per epoch, ``(n_ctx,)`` or ``(C, n_ctx)`` from
@@ -268,10 +272,18 @@ def plot_prompt_norms_over_epochs(per_epoch: Sequence[np.ndarray] | Mapping[str,
             ``{run: [...]}`` for one panel per run.
         path: the PNG to write.
         epochs: the epoch of each array; 1, 2, ... when ``None``.
+        test_accuracy: ``{run: {epoch: accuracy %}}`` (``""`` names the run of a plain ``per_epoch``); runs
+            left out get a panel saying so.
     """
     runs = dict(per_epoch) if isinstance(per_epoch, Mapping) else {"": per_epoch}
-    fig, axes = _figure(len(_nonempty(runs, "per_epoch")))
-    for ax, (run, arrays) in zip(axes, runs.items(), strict=True):
+    accuracy = dict(test_accuracy or {})
+    if accuracy.keys() - runs.keys():
+        raise DataError(f"test_accuracy names runs without prompt norms: {sorted(accuracy.keys() - runs.keys())}")
+    paired = any(accuracy.values())
+    panels = len(_nonempty(runs, "per_epoch")) * (2 if paired else 1)
+    fig, axes = _figure(panels, cols=2 if paired else None)
+    for i, (run, arrays) in enumerate(runs.items()):
+        ax = axes[2 * i if paired else i]
         table = prompt_norms_over_epochs(arrays)  # (E, n_ctx)
         xs = np.arange(1, len(table) + 1) if epochs is None else np.asarray(epochs)
         if len(xs) != len(table):
@@ -282,7 +294,26 @@ def plot_prompt_norms_over_epochs(per_epoch: Sequence[np.ndarray] | Mapping[str,
             ax.plot(xs, table[:, j], color=colormaps["viridis"](norm(j + 1)), linewidth=1.2)
         ax.set(title=run or "prompt norm per position", xlabel="epoch", ylabel="norm")
         fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="position")
+        if paired:
+            _accuracy_panel(axes[2 * i + 1], run, accuracy.get(run) or {}, xs, table.mean(axis=1))
     return _save(fig, path)
+
+
+def _accuracy_panel(ax, run: str, accuracy: Mapping[int, float], xs: np.ndarray, mean_norm: np.ndarray) -> None:
+    """Nemesis Fig. 3 for one run: test accuracy per epoch, and the mean prompt norm on a second axis."""
+    ax.set(title=f"{run}: test accuracy" if run else "test accuracy", xlabel="epoch")
+    if not accuracy:
+        ax.text(0.5, 0.5, "no per-epoch test accuracy logged\n(train.eval_test_every_epoch)", ha="center",
+                va="center", transform=ax.transAxes, fontsize=8)
+        return
+    ticks = sorted(accuracy)
+    ax.plot(ticks, [accuracy[e] for e in ticks], color="black", marker="o", markersize=3, label="test accuracy")
+    ax.set_ylabel("test accuracy (%)")
+    twin = ax.twinx()
+    twin.plot(xs, mean_norm, color="tab:red", linestyle="--", linewidth=1.2, label="mean prompt norm")
+    twin.set_ylabel("mean prompt norm", color="tab:red")
+    lines = ax.get_lines() + twin.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="lower right")
 
 
 def plot_dataset_bars(values: Mapping, path: str | Path) -> Path:

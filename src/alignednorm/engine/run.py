@@ -99,7 +99,8 @@ EXPORT_CONFIG = "alignednorm_config.json"
 COST_KEYS = ("seconds_per_iter", "peak_memory_mb", "seconds_per_batch", "batch_size")
 # Settings that change how a run is carried out or logged, never its numbers (beyond float rounding):
 # a run resumed with a compiled forward or a chunked text tower after running out of memory is the same run.
-NON_RESULT_KEYS = {"train": ("num_workers", "log_every", "tensorboard", "wandb_project", "compile", "text_chunk"),
+NON_RESULT_KEYS = {"train": ("num_workers", "log_every", "tensorboard", "wandb_project", "compile", "text_chunk",
+                             "eval_test_every_epoch"),
                    "data": ("eval_batch_size",)}
 
 

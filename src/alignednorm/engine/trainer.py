@@ -82,6 +82,9 @@ class TrainConfig:
             as a run's ``learnable.safetensors``), loaded before the first epoch in place of the
             method's random init; empty (the default) keeps the random init. Reproduces a run whose
             random draws ours cannot (e.g. an official run's initial prompt), or warm-starts one.
+        eval_test_every_epoch: the protocols also evaluate the training classes' test split after every
+            epoch and log ``test_accuracy`` in ``log.jsonl`` (Nemesis's Fig. 3 pairs it with the prompt
+            norms). Costs one test pass per epoch; the trained prompt and its final numbers are unchanged.
     """
 
     epochs: int = 5
@@ -109,6 +112,7 @@ class TrainConfig:
     compile: str = ""
     text_chunk: int = 0
     init_learnable: str = ""
+    eval_test_every_epoch: bool = False
 
     def __post_init__(self):
         for f in fields(self):
