@@ -8,6 +8,7 @@ run name (``{run: ...}``) draw one panel per run, in the mapping's order.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from alignednorm.analysis.norms import prompt_norms_over_epochs
 from alignednorm.errors import DataError
@@ -292,19 +294,24 @@ def plot_prompt_norms_over_epochs(per_epoch: Sequence[np.ndarray] | Mapping[str,
         norm = Normalize(vmin=1, vmax=max(2, positions))
         for j in range(positions):
             ax.plot(xs, table[:, j], color=colormaps["viridis"](norm(j + 1)), linewidth=1.2)
-        ax.set(title=run or "prompt norm per position", xlabel="epoch", ylabel="norm")
+        ax.set(xlabel="epoch", ylabel="norm")
+        ax.set_title(textwrap.fill(run, 48) if run else "prompt norm per position", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label="position")
         if paired:
-            _accuracy_panel(axes[2 * i + 1], run, accuracy.get(run) or {}, xs, table.mean(axis=1))
+            _accuracy_panel(axes[2 * i + 1], accuracy.get(run) or {}, xs, table.mean(axis=1))
     return _save(fig, path)
 
 
-def _accuracy_panel(ax, run: str, accuracy: Mapping[int, float], xs: np.ndarray, mean_norm: np.ndarray) -> None:
-    """Nemesis Fig. 3 for one run: test accuracy per epoch, and the mean prompt norm on a second axis."""
-    ax.set(title=f"{run}: test accuracy" if run else "test accuracy", xlabel="epoch")
+def _accuracy_panel(ax, accuracy: Mapping[int, float], xs: np.ndarray, mean_norm: np.ndarray) -> None:
+    """Nemesis Fig. 3 for the run of its row: test accuracy per epoch, and the mean prompt norm on a second axis."""
+    ax.set_xlabel("epoch")
+    ax.set_title("test accuracy and mean prompt norm", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if not accuracy:
         ax.text(0.5, 0.5, "no per-epoch test accuracy logged\n(train.eval_test_every_epoch)", ha="center",
                 va="center", transform=ax.transAxes, fontsize=8)
+        ax.set(xticks=[], yticks=[])
         return
     ticks = sorted(accuracy)
     ax.plot(ticks, [accuracy[e] for e in ticks], color="black", marker="o", markersize=3, label="test accuracy")
