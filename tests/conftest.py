@@ -146,3 +146,14 @@ def tensorboard_scalars():
         return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
     return read
+
+
+@pytest.fixture(autouse=True)
+def _restore_progress_logger():
+    """CLI commands route ``alignednorm.progress`` to stderr outside a terminal: undo it after each test."""
+    import logging
+
+    logger = logging.getLogger("alignednorm.progress")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]

@@ -145,7 +145,7 @@ def test_best_val_selection_through_the_run_path(json_dataset, clip_file, tmp_pa
 
 
 def test_class_descriptions_file_is_checked_and_recorded(json_dataset, clip_file, tmp_path):
-    from alignednorm.engine.run import dataset_label_space
+    from alignednorm.protocols.data import dataset_label_space
 
     good = {n: [f"a photo of a {n}.", f"a {n}, a pet."] for n in json_dataset.names}
     path = tmp_path / "oxford_pets.json"

@@ -4,6 +4,52 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory):
+    from alignednorm.backbone.tiny import make_tiny_clip, save_openai_state_dict
+
+    return save_openai_state_dict(make_tiny_clip(seed=3, layers=2), tmp_path_factory.mktemp("clip") / "t.pt")
+
+
+def nemesis_job(json_dataset, clip_file, out: Path, *sets: str):
+    from alignednorm.protocols import expand
+    from alignednorm.protocols.runner import SweepRequest
+
+    request = SweepRequest("nemesis", str(json_dataset.root), str(clip_file), str(out), datasets=("oxford_pets",),
+                           seeds=(1,), shots=(1,), device="cpu", progress=False,
+                           sets=("train.epochs=2", "train.batch_size=4", "train.tensorboard=false",
+                                 "method.n_ctx=4", "method.terms=pan", *sets))
+    (job,) = expand("fewshot", request)
+    return job
+
+
+def test_eval_test_every_epoch_logs_accuracy_and_leaves_the_run_unchanged(json_dataset, clip_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from alignednorm.analyze import epoch_test_accuracy
+    from alignednorm.engine.run import read_run_info, run_identity
+    from alignednorm.protocols.runner import run_job
+
+    plain = nemesis_job(json_dataset, clip_file, tmp_path / "plain")
+    logged = nemesis_job(json_dataset, clip_file, tmp_path / "logged", "train.eval_test_every_epoch=true")
+    assert plain.run_spec().epoch_callback is None and logged.run_spec().epoch_callback is not None
+    assert run_identity(plain.run_spec())["config"] == run_identity(logged.run_spec())["config"]  # not identity
+    results = {name: run_job(job)[job.dataset] for name, job in (("plain", plain), ("logged", logged))}
+
+    run = Path(logged.train_dir)
+    accuracy = epoch_test_accuracy(run)
+    assert list(accuracy) == [1, 2] and all(0.0 <= a <= 100.0 for a in accuracy.values())
+    assert accuracy[2] == pytest.approx(results["logged"]["eval"]["all"]["accuracy"])  # the last epoch = the final test
+    assert epoch_test_accuracy(Path(plain.train_dir)) == {}
+    # Evaluating between epochs changes nothing the run learns or records as its result.
+    learned = [load_file(Path(job.train_dir) / "learnable.safetensors") for job in (plain, logged)]
+    assert learned[0].keys() == learned[1].keys()
+    assert all(torch.equal(learned[0][k], learned[1][k]) for k in learned[0])
+    assert results["plain"]["eval"]["all"]["accuracy"] == results["logged"]["eval"]["all"]["accuracy"]
+    assert read_run_info(run)["identity"] == read_run_info(Path(plain.train_dir))["identity"]
 
 
 def test_prompt_norm_figure_pairs_norms_with_test_accuracy(tmp_path):

@@ -21,7 +21,8 @@ from alignednorm.backbone import loading
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.eva import sequence_rope, tower_problems
 from alignednorm.backbone.hooks import LayerPrompt, PromptState, Trace
-from alignednorm.backbone.loading import backbone_source, load_clip
+from alignednorm.backbone.loading import load_clip
+from alignednorm.clip_names import backbone_source
 from alignednorm.errors import CheckpointError
 from alignednorm.methods import StepState, create_method, list_methods
 

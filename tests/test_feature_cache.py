@@ -12,8 +12,8 @@ from alignednorm.backbone.tiny import make_tiny_clip, save_openai_state_dict
 from alignednorm.cli import app
 from alignednorm.config import DataConfig
 from alignednorm.data.coop_layout import load_splits
-from alignednorm.engine.run import evaluate_split
 from alignednorm.methods import create_method
+from alignednorm.protocols.data import evaluate_split
 
 
 @pytest.fixture

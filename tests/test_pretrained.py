@@ -4,9 +4,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from alignednorm.backbone.loading import backbone_source, resolve_pretrained
 from alignednorm.backbone.tiny import TINY_MODEL_NAME, make_tiny_clip
 from alignednorm.cli import app
+from alignednorm.clip_names import backbone_source, resolve_pretrained
 from alignednorm.errors import CheckpointError
 
 

@@ -218,7 +218,9 @@ def test_base2new_and_crossdataset_sweeps_end_to_end(tmp_path, clip_file):
     assert "Cross-dataset: trained on proto_a" in report and "Domain generalisation: trained on proto_a" in report
     line = next(row for row in report.splitlines() if row.startswith("| proto_b |"))
     assert line.count("±") == 2 and line.rstrip(" |").endswith("2")  # base ± std, new ± std, HM; 2 seeds
-    assert {p.suffix for p in (out / "report").iterdir()} == {".md", ".csv", ".tex"}
+    # The tables as Markdown, CSV and LaTeX, the results page and its figures' folder.
+    assert {p.suffix for p in (out / "report").iterdir() if p.is_file()} == {".md", ".csv", ".tex", ".html"}
+    assert (out / "report" / "report.html").is_file() and (out / "report" / "figures").is_dir()
 
 
 def test_run_command_lists_and_failures(json_dataset, clip_file, tmp_path, caplog):

@@ -21,10 +21,11 @@ from alignednorm.backbone.tiny import make_tiny_clip, save_openai_state_dict
 from alignednorm.cli import app
 from alignednorm.config import DataConfig
 from alignednorm.engine.io import atomic_write, write_json
-from alignednorm.engine.run import RunLock, evaluate_split
+from alignednorm.engine.run import RunLock
 from alignednorm.engine.trainer import TrainConfig, Trainer, TrainingDiverged, gradients_finite, lr_at_epoch
 from alignednorm.errors import AlignedNormError, CheckpointError
 from alignednorm.methods import create_method
+from alignednorm.protocols.data import evaluate_split
 
 SMALL = ["--set", "method.rep_layers=[2,3]", "--set", "method.rep_dim=16", "--set", "train.batch_size=2"]
 
@@ -177,7 +178,7 @@ def test_predict_api_and_cli(json_dataset, clip_file, tmp_path):
     result = runner.invoke(app, ["predict", str(run_dir), str(image.parent), "--classes", "cat,dog", "--topk", "1"],
                            catch_exceptions=False)
     assert result.exit_code == 0 and result.output.count(".jpg: ") == 10, result.output
-    with pytest.raises(CheckpointError, match="not the one the run was trained with"):
+    with pytest.raises(CheckpointError, match="not the one the prompt was trained with"):
         other = save_openai_state_dict(make_tiny_clip(seed=9, layers=3), tmp_path / "other.pt")
         alignednorm.load(run_dir, clip=other)
 

@@ -156,7 +156,8 @@ def test_chunked_text_tower_gives_the_same_features_and_gradients(backbone, pref
 
 
 def test_text_chunk_setting_trains_to_the_same_numbers(backbone):
-    """``train.text_chunk`` reaches the backbone: a chunked MMRL++ epoch equals the one-pass epoch.
+    """``train.text_chunk`` reaches the backbone while training, and only then: a chunked MMRL++ epoch
+    equals the one-pass epoch, and evaluations after it run unchunked.
 
     SGD, not Adam: Adam turns float-rounding noise in near-zero gradients into full-size steps.
     """
@@ -164,18 +165,16 @@ def test_text_chunk_setting_trains_to_the_same_numbers(backbone):
 
     data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4)),
                                           torch.tensor([0, 1, 2, 4]))
-    states = []
-    try:
-        for chunk in (0, 2):
-            torch.manual_seed(0)
-            method = create_method("mmrlpp", backbone)
-            method.set_classnames(CLASSES)
-            trainer = Trainer(method, TrainConfig(epochs=1, batch_size=2, warmup_epochs=0, lr=1e-2, optimizer="sgd", text_chunk=chunk),
-                              progress=False)
-            trainer._loader = lambda ds, epoch: torch.utils.data.DataLoader(ds, batch_size=2)
-            trainer.fit(data)
-            assert backbone.text_chunk == (chunk or None)
-            states.append(method.learnable_state_dict())
-    finally:
-        backbone.text_chunk = None
+    states, seen = [], []
+    for chunk in (0, 2):
+        torch.manual_seed(0)
+        method = create_method("mmrlpp", backbone)
+        method.set_classnames(CLASSES)
+        config = TrainConfig(epochs=1, batch_size=2, warmup_epochs=0, lr=1e-2, optimizer="sgd", text_chunk=chunk)
+        trainer = Trainer(method, config, progress=False,
+                          epoch_callback=lambda trainer, epoch, terms: seen.append(backbone.text_chunk))
+        trainer._loader = lambda ds, epoch: torch.utils.data.DataLoader(ds, batch_size=2)
+        trainer.fit(data)
+        assert seen[-1] == (chunk or None) and backbone.text_chunk is None
+        states.append(method.learnable_state_dict())
     assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])

@@ -24,12 +24,14 @@ from tqdm.auto import tqdm
 
 from alignednorm import data as D
 from alignednorm.backbone.hooks import Trace, Traces
+from alignednorm.clip_names import resolve_clip_path
 from alignednorm.config import to_yaml
 from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine.environment import resolve_device
-from alignednorm.engine.run import TrainedRun, dataset_label_space, load_run
+from alignednorm.engine.run import TrainedRun, load_run
 from alignednorm.errors import AlignedNormError
 from alignednorm.methods import Method, create_method
+from alignednorm.protocols.data import dataset_label_space
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +212,8 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, options: Analys
     if output.exists() and not output.is_dir():
         raise AlignedNormError(f"--output {output} is a file; analyze writes a folder (PNGs, numbers, index.html)")
     options.device = str(resolve_device(options.device))
+    if options.clip is not None:
+        options.clip = str(resolve_clip_path(options.clip))  # 'mini' and the like
     records: dict[str, dict[str, SubsetRecord]] = {}
     configs, skipped, prompt_norms, test_accuracy = {}, {}, {}, {}
     first: TrainedRun | None = None

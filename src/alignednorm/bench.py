@@ -161,21 +161,19 @@ def run_bench(method_name: str, geometry: str = "vit-b16", classes=(50,), batch:
         classnames = [f"class {i}" for i in range(n_classes)]
         reference = None
         for chosen in optimisation_settings(settings):
-            for name, enabled in chosen.items():
-                setattr(backbone, name, enabled)
             torch.manual_seed(0)
             method = create_method(method_name, backbone).to(dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            train_s, first_s, steady_s, logits = time_configuration(method, images, labels, classnames, iters, timer)
+            with backbone.text_options(**chosen):
+                train_s, first_s, steady_s, logits = time_configuration(method, images, labels, classnames, iters,
+                                                                        timer)
             diff = 0.0 if reference is None else float((logits - reference).abs().max())
             reference = logits if reference is None else reference
             result.timings.append(Timing(
                 n_classes, dict(chosen), train_s, first_s, steady_s,
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None, diff))
-    for name in OPTIMISATIONS:
-        setattr(backbone, name, True)
     return result
 
 

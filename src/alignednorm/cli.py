@@ -223,7 +223,7 @@ def eval_cmd(
 
     Trained prompts are evaluated by `alignednorm train` and `alignednorm run <protocol>`.
     """
-    from alignednorm.backbone.loading import backbone_source
+    from alignednorm.clip_names import backbone_source
     from alignednorm.methods import get_method_class
     from alignednorm.protocols.runner import Evaluation
 
@@ -259,7 +259,7 @@ def train_cmd(
     The run goes to OUTPUT/PROTOCOL/DATASET/shotsK/METHOD/VARIANT/seedS, as `alignednorm run` lays
     runs out; a finished run is reused only with exactly the same settings.
     """
-    from alignednorm.backbone.loading import backbone_source
+    from alignednorm.clip_names import backbone_source
     from alignednorm.config import PROTOCOLS
     from alignednorm.protocols.base_to_new import EVALUATIONS
     from alignednorm.protocols.runner import Evaluation
@@ -410,8 +410,8 @@ def bench_cmd(
     import json
 
     from alignednorm.backbone.clip import ClipBackbone
-    from alignednorm.backbone.loading import resolve_clip_path
     from alignednorm.bench import format_result, run_bench
+    from alignednorm.clip_names import resolve_clip_path
 
     try:
         counts = tuple(int(c) for c in classes.split(",") if c.strip())
@@ -457,7 +457,7 @@ def import_official_cmd(
     sets: Sets = None, force: bool = False,
 ) -> None:
     """Turn an official (Dassl) checkpoint into a folder that alignednorm.load and predict read."""
-    from alignednorm.backbone.loading import backbone_source
+    from alignednorm.clip_names import backbone_source
     from alignednorm.data import get_dataset, load_splits, resolve_data_root, subsample_classes
     from alignednorm.export import import_official_checkpoint
 

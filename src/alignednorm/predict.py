@@ -199,9 +199,11 @@ def load(run_dir: str | Path, clip: str | Path | None = None, device: str | torc
         >>> model = alignednorm.load("eurosat-alignednorm", clip="ViT-B-16.pt")  # doctest: +SKIP
         >>> model.predict(["a.jpg"], classes=["forest", "river"])  # doctest: +SKIP
     """
+    from alignednorm.clip_names import resolve_clip_path
+
     if clip is None:
         clip = exported_backbone(Path(run_dir))
-    return Predictor(load_run(run_dir, clip=clip, device=device))
+    return Predictor(load_run(run_dir, clip=resolve_clip_path(clip) if clip is not None else None, device=device))
 
 
 def exported_backbone(folder: Path) -> Path | None:

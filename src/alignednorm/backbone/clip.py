@@ -12,6 +12,7 @@ and a text tower under ``model.text`` (``CustomTextCLIP``) is reached through :a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,17 +82,47 @@ class ClipBackbone(nn.Module):
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.source = source
-        # Speed switches that change no feature; off only to measure what they save (``alignednorm bench``).
+        # Text-tower switches that change no feature, set only for a scope with :meth:`text_options`.
         self.cut_text_padding = True  # drop the padding after the last EOT (see text_length)
         self.share_text_prefix = True  # compute prompts' common beginning once (see backbone.shared_text)
-        # At most this many prompts through the text tower at once (None: all); see backbone.chunks.
-        self.text_chunk: int | None = None
+        self.text_chunk: int | None = None  # at most this many prompts at once (None: all); see backbone.chunks
         self.tokenizer = SimpleTokenizer(context_length=self.context_length)
 
+    def _set_text_options(self, values: dict) -> dict:
+        """Set the text-tower switches in ``values``; returns their previous values."""
+        unknown = sorted(set(values) - {"cut_text_padding", "share_text_prefix", "text_chunk"})
+        if unknown:
+            raise TypeError(f"unknown text options {unknown}")
+        saved = {name: getattr(self, name) for name in values}
+        for name, value in values.items():
+            setattr(self, name, value)
+        return saved
+
+    @contextlib.contextmanager
+    def text_options(self, **values):
+        """Set text-tower switches for a ``with`` block, restored after it.
+
+        ``cut_text_padding`` / ``share_text_prefix`` (speed savings that change no feature: off only to
+        measure them, or to record all 77 positions for a parity fixture) and ``text_chunk`` (encode
+        at most that many prompts at once, for label spaces that do not fit in memory).
+        """
+        saved = self._set_text_options(values)
+        try:
+            yield self
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+
     @classmethod
-    def from_file(cls, path: str | Path, model_name: str | None = None) -> ClipBackbone:
-        """Load weights from a local file; see :func:`alignednorm.backbone.loading.load_clip`."""
-        return cls(load_clip(path, model_name), source=str(path))
+    def from_file(cls, path: str | Path, model_name: str | None = None, **text_options) -> ClipBackbone:
+        """Load weights from a local file (:func:`alignednorm.backbone.loading.load_clip`).
+
+        ``text_options`` set this backbone's :meth:`text_options` for its whole life (a parity
+        harness that records all 77 text positions: ``cut_text_padding=False``).
+        """
+        backbone = cls(load_clip(path, model_name), source=str(path))
+        backbone._set_text_options(text_options)
+        return backbone
 
     def train(self, mode: bool = True) -> ClipBackbone:
         # The CLIP stays in eval mode: it is frozen, and methods toggle only their own modules.

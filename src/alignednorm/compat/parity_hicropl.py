@@ -227,8 +227,8 @@ def _description_tokens(method, manifest) -> torch.Tensor:
 def compute_outputs(fixture: Path, manifest: dict) -> tuple[dict[str, torch.Tensor], dict[str, bool], dict]:
     """Our tensors for a HiCroPL fixture, the gradient checks and the per-copy gradients (official names)."""
     name, config = method_from_manifest(manifest)
-    backbone = ClipBackbone.from_file(fixture / "clip_tiny.safetensors")
-    backbone.cut_text_padding = False  # the official text tower runs all context positions
+    # the official text tower runs all context positions
+    backbone = ClipBackbone.from_file(fixture / "clip_tiny.safetensors", cut_text_padding=False)
     method = create_method(name, backbone, config)
     official = load_file(str(fixture / "learnable.safetensors"))
     start = convert_official_state(official, name)

@@ -165,8 +165,8 @@ def _positions(fixture: Path, manifest: dict) -> list[int] | None:
 def compute_outputs(fixture: Path, manifest: dict) -> dict[str, torch.Tensor]:
     """Every tensor a CoOp / Nemesis fixture holds, computed by our implementation."""
     name, config = method_from_manifest(manifest)
-    backbone = ClipBackbone.from_file(fixture / "clip_tiny.safetensors")
-    backbone.cut_text_padding = False  # the fixtures record all 77 text positions
+    # the fixtures record all 77 text positions
+    backbone = ClipBackbone.from_file(fixture / "clip_tiny.safetensors", cut_text_padding=False)
     method = create_method(name, backbone, config)
     official = load_file(str(fixture / "learnable.safetensors"))
     start = convert_official_state(official, name)

@@ -67,8 +67,9 @@ from alignednorm import data as D
 from alignednorm.compat.official import convert_official_state
 from alignednorm.compat.parity import RUN_LEVEL_KIND, SECTIONS, build_report
 from alignednorm.engine.io import save_tensors, write_json
-from alignednorm.engine.run import eval_loader, execute, load_run
+from alignednorm.engine.run import execute, load_run
 from alignednorm.errors import AlignedNormError
+from alignednorm.protocols.data import eval_loader
 from alignednorm.protocols.runner import EvalStep, Evaluation, SweepRequest, load_backbone, run_eval_step
 
 KIND = RUN_LEVEL_KIND
@@ -313,7 +314,7 @@ def run_ours(fixture: Path, manifest: dict, work: Path) -> dict:
     recorder = EpochRecorder(plan.official_names, val_loader)
     run_spec = job.run_spec()
     run_spec.epoch_callback = recorder
-    train_metrics = execute(run_spec, backbone=backbone, force=True)  # run_job's steps, with the recorder
+    train_metrics = execute(run_spec, job.training_data, backbone=backbone, force=True)  # run_job's, with the recorder
     trained = load_run(job.train_dir, backbone=backbone)
     calls: list[torch.Tensor] = []
     recording_predict(trained.method, calls)

@@ -7,8 +7,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
+from alignednorm.engine.batches import skip_none_collate  # noqa: F401  (re-exported: datasets pair with it)
 from alignednorm.errors import DataError
 
 from .items import Item
@@ -120,12 +121,6 @@ class ImageListDataset(Dataset):
     def num_skipped(self) -> int:
         """How many distinct images were found unreadable and skipped so far."""
         return len(self.skipped)
-
-
-def skip_none_collate(batch):
-    """``default_collate`` without the ``None`` entries of skipped images; ``None`` if nothing is left."""
-    batch = [sample for sample in batch if sample is not None]
-    return default_collate(batch) if batch else None
 
 
 def class_prompts(classnames: Sequence[str], template: str) -> list[str]:

@@ -8,34 +8,30 @@ dataset, shots, seed, backbone file and checksum, class names, and the run's *id
 A folder is reused (finished: skipped; interrupted: resumed) only when its identity, everything
 that determines the result (method, the whole resolved config, dataset, shots, training classes,
 backbone checksum), equals the new run's; otherwise the run stops with an error naming the keys
-that differ. Evaluations are the protocols' business (:mod:`alignednorm.protocols.runner`);
+that differ. The engine knows no dataset: the protocol floor prepares what a run trains on
+(:class:`TrainingData`, :mod:`alignednorm.protocols.data`) and evaluates the trained method;
 :func:`load_run` is the one way to rebuild a trained method from its folder.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
-from alignednorm.backbone.loading import resolve_clip_path
 from alignednorm.config import build, load_run_config, run_config_from, to_yaml
-from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
 from alignednorm.engine.environment import environment
-from alignednorm.engine.evaluate import evaluate
-from alignednorm.engine.feature_cache import cached_image_features
 from alignednorm.engine.io import (
     clean_stale_temp_files,
     file_sha256,
@@ -47,7 +43,6 @@ from alignednorm.engine.io import (
 from alignednorm.engine.trainer import Trainer, seed_everything
 from alignednorm.errors import AlignedNormError, CheckpointError
 from alignednorm.methods import Method, create_method
-from alignednorm.prompts.label_space import LabelSpace, read_descriptions
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +53,13 @@ class RunSpec:
 
     Attributes:
         method: registered method name.
-        dataset: dataset to train on (catalog name).
-        data_root: the CoOp-layout data folder.
+        dataset: dataset trained on (catalog name; recorded, and part of the identity).
+        data_root: the CoOp-layout data folder (recorded).
         clip: backbone checkpoint file; ``clip_model`` its open_clip name for open_clip checkpoints.
         output: the run folder.
         config: the resolved ``{method, train, data}`` config.
         shots: K-shot training (0 = all training images).
         train_subset: classes trained on: ``base`` (base-to-new) or ``all``.
-        cache_dir: few-shot index cache (default: ``<output>/../.fewshot-cache``, beside the runs).
         command: the command line that asked for the run (recorded in ``run.json`` and model cards).
         epoch_callback: passed to the :class:`Trainer` (called after every epoch; not part of the
             run's identity), for observers such as :mod:`alignednorm.compat.parity_run`.
@@ -80,10 +74,30 @@ class RunSpec:
     shots: int = 16
     train_subset: str = "base"
     clip_model: str | None = None
-    cache_dir: str | None = None
     progress: bool = True
     command: str | None = None
     epoch_callback: object = None
+
+
+@dataclass
+class TrainingData:
+    """What one run trains on, prepared by the protocol floor (:func:`alignednorm.protocols.data.training_data`).
+
+    Attributes:
+        classnames: the training classes, in label order.
+        template: the dataset's prompt template (recorded in ``run.json``).
+        label_space: the method's label space while training (template, class descriptions).
+        train: ``(image, label)`` samples, augmented; ``None`` samples (unreadable images) are dropped.
+        validate: ``validate(method) -> accuracy`` on the validation images, or ``None`` without them.
+        solver_batches: ``() -> (train, val)`` un-augmented batches for methods with their own solver.
+    """
+
+    classnames: list[str]
+    template: str
+    label_space: object
+    train: Dataset
+    validate: Callable[[Method], float] | None
+    solver_batches: Callable[[], tuple[DataLoader | None, DataLoader | None]]
 
 
 def format_command(words) -> str:
@@ -207,36 +221,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def load_split(spec: RunSpec, seed: int) -> D.DatasetSplits:
-    """The training dataset's splits after Dassl's few-shot sampling and CoOp's base/new selection."""
-    splits = D.load_splits(spec.dataset, spec.data_root)
-    if spec.shots > 0:
-        cache = spec.cache_dir or str(Path(spec.output).resolve().parent / ".fewshot-cache")
-        splits = D.few_shot_splits(splits, spec.shots, seed, cache_dir=cache)
-    return D.subsample_classes(splits, spec.train_subset)
-
-
-def dataset_label_space(dataset: str, classnames, descriptions: str = "") -> LabelSpace:
-    """The label space of ``classnames`` phrased with ``dataset``'s template (and descriptions, when given).
-
-    ``descriptions`` is ``data.descriptions``: a CuPL-style JSON file, or a folder of ``<dataset>.json``.
-    """
-    template = (D.get_dataset(dataset).template,)
-    if not descriptions:
-        return LabelSpace(tuple(classnames), template)
-    path = Path(descriptions)
-    path = path / f"{dataset}.json" if path.is_dir() else path
-    return LabelSpace(tuple(classnames), template, read_descriptions(path), str(path))
-
-
-def eval_loader(items, backbone: ClipBackbone, batch_size: int, skip_corrupt: bool) -> DataLoader:
-    transform = D.build_transform(backbone.image_size, train=False)
-    return DataLoader(D.ImageListDataset(items, transform, skip_corrupt=skip_corrupt), batch_size=batch_size,
-                      collate_fn=skip_none_collate)
-
-
-def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = False, resume: bool = True) -> dict:
+def execute(spec: RunSpec, prepare: Callable[[ClipBackbone], TrainingData], backbone: ClipBackbone | None = None,
+            force: bool = False, resume: bool = True) -> dict:
     """Train (unless nothing is learnable); returns the training run's ``metrics.json``.
+
+    ``prepare(backbone)`` gives the run's :class:`TrainingData` (the protocol's; it may depend on the
+    backbone's input size), called once the run is known to need training.
 
     A finished run with the same identity is skipped unless ``force``; an interrupted one
     (``checkpoint.pt`` without ``metrics.json``) continues when ``resume`` (the default) or restarts
@@ -259,7 +249,7 @@ def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = F
     if device is not None and backbone is None:
         backbone = ClipBackbone.from_file(spec.clip, spec.clip_model).to(device)
     if not distributed.is_main():
-        return _execute(spec, run_dir, backbone, identity)
+        return _execute(spec, prepare, run_dir, backbone, identity)
     with RunLock(run_dir):
         removed = clean_stale_temp_files(run_dir)  # left by writes a kill interrupted; nobody else writes here
         if removed:
@@ -268,19 +258,19 @@ def execute(spec: RunSpec, backbone: ClipBackbone | None = None, force: bool = F
             for name in ("metrics.json", "checkpoint.pt", "log.jsonl", "learnable.safetensors", "run.json"):
                 (run_dir / name).unlink(missing_ok=True)
         distributed.barrier()
-        return _execute(spec, run_dir, backbone, identity)
+        return _execute(spec, prepare, run_dir, backbone, identity)
 
 
-def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identity: dict) -> dict:
-    method_cfg, train_cfg, data_cfg = build(spec.method, spec.config)
+def _execute(spec: RunSpec, prepare, run_dir: Path, backbone: ClipBackbone | None, identity: dict) -> dict:
+    method_cfg, train_cfg, _ = build(spec.method, spec.config)
     seed_everything(train_cfg.seed)
     backbone = backbone or ClipBackbone.from_file(spec.clip, spec.clip_model)
     method = create_method(spec.method, backbone, method_cfg).to(next(backbone.parameters()).device)
-    train_split = load_split(spec, train_cfg.seed)
-    method.set_label_space(dataset_label_space(spec.dataset, train_split.classnames, data_cfg.descriptions))
+    data = prepare(backbone)
+    method.set_label_space(data.label_space)
     learns = bool(method.learnable_parameters())
     if learns:
-        method.set_trained_classnames(train_split.classnames, run_dir)
+        method.set_trained_classnames(data.classnames, run_dir)
     main = distributed.is_main()
     trainer = Trainer(method, train_cfg, run_dir, progress=spec.progress and main,
                       epoch_callback=spec.epoch_callback) if learns else None
@@ -288,15 +278,16 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
         trainer.try_resume()  # a damaged checkpoint stops here, before any file of the run is rewritten
     if main:
         write_text(run_dir / "config.yaml", to_yaml(spec.config))
-        write_json(run_dir / "run.json", _run_info(spec, train_split, identity, method))
+        write_json(run_dir / "run.json", _run_info(spec, data, identity, method))
     train_stats = {}
     if trainer is not None:
-        train_stats = _fit_with_solver(method, train_split, data_cfg)  # None: the method trains by gradient
+        train_stats = method.fit(*data.solver_batches())  # None: the method trains by gradient
         if train_stats is None:
-            train_stats = _train_by_gradient(trainer, train_split, spec.dataset, data_cfg)
+            train_stats = trainer.fit(data.train, resume=False, validate=data.validate)
+            train_stats["skipped_images"] = getattr(data.train, "num_skipped", 0)
         if main:
             save_tensors(run_dir / "learnable.safetensors", method.learnable_state_dict(),
-                         metadata={"method": spec.method, "classnames": json.dumps(train_split.classnames)})
+                         metadata={"method": spec.method, "classnames": json.dumps(data.classnames)})
     cost = {k: train_stats.pop(k) for k in COST_KEYS if k in train_stats}
     metrics = {"method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "seed": train_cfg.seed,
                "train": train_stats, "cost": cost, "eval": {}}
@@ -305,70 +296,6 @@ def _execute(spec: RunSpec, run_dir: Path, backbone: ClipBackbone | None, identi
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete; learnable.safetensors stays
     distributed.barrier()
     return metrics
-
-
-def _train_by_gradient(trainer: Trainer, split: D.DatasetSplits, dataset_name: str, data_cfg) -> dict:
-    """The trainer's epochs on augmented training images (validation for ``select: best-val``)."""
-    transform = D.build_transform(trainer.method.backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale),
-                                  hflip=data_cfg.hflip, random_resized_crop=data_cfg.random_resized_crop)
-    dataset = D.ImageListDataset(split.train, transform, skip_corrupt=data_cfg.skip_corrupt)
-    validate = _validator(split, dataset_name, data_cfg) if split.val else None
-    stats = trainer.fit(dataset, resume=False, validate=validate)
-    stats["skipped_images"] = dataset.num_skipped
-    return stats
-
-
-def _fit_with_solver(method: Method, split: D.DatasetSplits, data_cfg) -> dict | None:
-    """Let a method with its own solver fit on un-augmented train / val batches (see ``Method.fit``)."""
-    def loader(items):
-        return eval_loader(items, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt) if items else None
-
-    return method.fit(loader(split.train), loader(split.val))
-
-
-def _validator(split: D.DatasetSplits, dataset: str, data_cfg):
-    """``validate(method) -> accuracy`` on the training classes' validation images (the seen rule)."""
-    val = dataclasses.replace(split, test=split.val)
-
-    def validate(method: Method) -> float:
-        with torch.no_grad():
-            return evaluate_split(method, val, dataset, "seen", data_cfg, progress=False)["accuracy"]
-
-    return validate
-
-
-def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: str, data_cfg,
-                   progress: bool = True, feature_cache: str | Path | None = None) -> dict:
-    """Accuracy on ``split.test`` over its classes, with the inference rule ``rule`` (seen / unseen / any).
-
-    Unreadable images skipped under ``data.skip_corrupt`` are counted in ``skipped_images``. With
-    ``feature_cache``, a method that sees images only through frozen features
-    (``MethodTraits.frozen_image_features``) classifies features kept there (:mod:`.feature_cache`).
-    """
-    method.check_classnames(split.classnames, rule)
-    method.set_label_space(dataset_label_space(dataset, split.classnames, data_cfg.descriptions))
-    loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
-    cached = cached_image_features(method.backbone, loader, feature_cache) \
-        if feature_cache is not None and method.traits.frozen_image_features else None
-    if cached is None:
-        result = evaluate(method, loader, rule=rule, progress=progress, desc=f"eval {dataset}/{rule}")
-        skipped = loader.dataset.num_skipped
-    else:
-        result, skipped = _evaluate_features(method, rule, *cached, data_cfg.eval_batch_size)
-    result.update(num_classes=len(split.classnames), skipped_images=skipped)
-    if skipped:
-        log.warning("%s/%s: skipped %d unreadable images: %s", dataset, rule, skipped, sorted(loader.dataset.skipped)[:5])
-    return result
-
-
-def _evaluate_features(method: Method, rule: str, features, labels, info: dict, batch_size: int) -> tuple[dict, int]:
-    """:func:`evaluate` over cached image features; the cost is the image tower's when it ran now."""
-    batches = list(zip(features.split(batch_size), labels.split(batch_size)))
-    result = evaluate(method, batches, rule=rule, progress=False,
-                      predict=lambda f: method.logits_from_image_features(f, rule))
-    result.update(seconds_per_batch=info["seconds_per_batch"], batch_size=batch_size,
-                  image_features="reused from cache" if info["reused"] else "computed and cached")
-    return result, info["skipped_images"]
 
 
 @dataclass
@@ -429,7 +356,7 @@ def read_exported(folder: Path) -> tuple[dict, DictConfig]:
 
 def _checked_clip(run_dir: Path, info: dict, clip: str | Path | None) -> Path:
     record = run_dir / (EXPORT_CONFIG if (run_dir / EXPORT_CONFIG).is_file() else "run.json")
-    clip_path = Path(info["clip"]) if clip is None else resolve_clip_path(clip)  # 'mini' and the like
+    clip_path = Path(info["clip"] if clip is None else clip).expanduser()  # words such as 'mini': the face's
     if not clip_path.is_file():
         raise CheckpointError(f"backbone {clip_path} (recorded in {record}) does not exist; pass clip=... / --clip")
     if file_sha256(clip_path) != info["clip_sha256"]:
@@ -438,13 +365,13 @@ def _checked_clip(run_dir: Path, info: dict, clip: str | Path | None) -> Path:
     return clip_path
 
 
-def _run_info(spec: RunSpec, split: D.DatasetSplits, identity: dict, method: Method) -> dict:
+def _run_info(spec: RunSpec, data: TrainingData, identity: dict, method: Method) -> dict:
     return {
         "command": spec.command or format_command(["alignednorm", *sys.argv[1:]]),
         "environment": environment(),
         "learnable_parameters": sum(p.numel() for p in method.learnable_parameters()),
         "method": spec.method, "dataset": spec.dataset, "shots": spec.shots, "train_subset": spec.train_subset,
-        "classnames": split.classnames, "template": D.get_dataset(spec.dataset).template,
+        "classnames": data.classnames, "template": data.template,
         "clip": str(Path(spec.clip).resolve()), "clip_model": spec.clip_model, "clip_sha256": identity["clip_sha256"],
         "data_root": str(Path(spec.data_root).resolve()),
         "torch": torch.__version__, "identity": identity,

@@ -21,8 +21,8 @@ from torch.nn.utils import get_total_norm
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from alignednorm.data.dataset import skip_none_collate
 from alignednorm.engine import distributed
+from alignednorm.engine.batches import skip_none_collate
 from alignednorm.engine.environment import peak_memory_mb
 from alignednorm.engine.io import load_tensors, save_torch
 from alignednorm.engine.tracking import RunTracker
@@ -214,7 +214,6 @@ class Trainer:
         self.precision = resolve_precision(config.precision, self.device)
         if config.compile:  # in place: the state-dict keys stay those of the eager module
             method.compile(backend=config.compile)
-        method.backbone.text_chunk = config.text_chunk or None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if config.batch_size % distributed.world_size():
             raise ConfigError(f"train.batch_size = {config.batch_size} must be divisible by the "
@@ -311,21 +310,23 @@ class Trainer:
                                   start_step=self.global_step, config=asdict(self.config))
         last: dict = {}
         seconds, steps = 0.0, 0
-        try:
-            for epoch in range(self.start_epoch, self.config.epochs):
-                self.method.on_epoch_start(self.step_state(epoch, 0))
-                start, first_step = time.time(), self.global_step
-                last = self._train_epoch(dataset, epoch)
-                seconds, steps = seconds + time.time() - start, steps + self.global_step - first_step
-                self.method.on_epoch_end(self.step_state(epoch, 0))
-                if self.config.select == "best-val":
-                    self._keep_if_best(epoch, validate)
-                if self.epoch_callback is not None:
-                    self.epoch_callback(self, epoch, last)
-                self.save_checkpoint(epoch)
-                distributed.barrier()  # nobody starts the next epoch before the checkpoint exists
-        finally:
-            self.tracker.close()
+        # text_chunk holds while training (validation included), not in evaluations after it
+        with self.method.backbone.text_options(text_chunk=self.config.text_chunk or None):
+            try:
+                for epoch in range(self.start_epoch, self.config.epochs):
+                    self.method.on_epoch_start(self.step_state(epoch, 0))
+                    start, first_step = time.time(), self.global_step
+                    last = self._train_epoch(dataset, epoch)
+                    seconds, steps = seconds + time.time() - start, steps + self.global_step - first_step
+                    self.method.on_epoch_end(self.step_state(epoch, 0))
+                    if self.config.select == "best-val":
+                        self._keep_if_best(epoch, validate)
+                    if self.epoch_callback is not None:
+                        self.epoch_callback(self, epoch, last)
+                    self.save_checkpoint(epoch)
+                    distributed.barrier()  # nobody starts the next epoch before the checkpoint exists
+            finally:
+                self.tracker.close()
         if self.best is not None:
             self.method.load_learnable_state_dict(self.best["learnable"], source=f"best epoch {self.best['epoch'] + 1}")
             last = {**last, "selected_epoch": self.best["epoch"] + 1, "val_accuracy": self.best["accuracy"]}

@@ -146,7 +146,7 @@ def _make_run_command(protocol: str):
         slurm_arg: Annotated[list[str] | None, typer.Option(help="extra sbatch option key=value")] = None,
         verbose: bool = False,
     ) -> None:
-        from alignednorm.backbone.loading import backbone_source
+        from alignednorm.clip_names import backbone_source
         from alignednorm.data import resolve_data_root
         from alignednorm.engine.run import format_command
 

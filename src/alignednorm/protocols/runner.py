@@ -27,11 +27,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
-from alignednorm.config import preset_path, resolve_config, to_yaml
+from alignednorm.config import build, preset_path, resolve_config, to_yaml
 from alignednorm.data.catalog import Suite, get_suite
 from alignednorm.engine.environment import resolve_device
 from alignednorm.engine.io import clean_stale_temp_files, write_json, write_text
@@ -41,7 +42,6 @@ from alignednorm.engine.run import (
     RunSpec,
     TrainedRun,
     check_identity,
-    evaluate_split,
     execute,
     identity_differences,
     load_run,
@@ -49,6 +49,8 @@ from alignednorm.engine.run import (
 )
 from alignednorm.errors import AlignedNormError, ConfigError
 from alignednorm.methods import RULES, check_config_keys
+
+from .data import evaluate_split, load_split, training_data
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,40 @@ class Job:
         return RunSpec(method=self.method, dataset=self.dataset, data_root=self.data_root, clip=self.clip,
                        output=self.train_dir, config=OmegaConf.create(self.config), shots=self.shots,
                        train_subset=self.train_subset, clip_model=self.clip_model,
-                       cache_dir=self.cache_dir, progress=self.progress, command=self.command)
+                       progress=self.progress, command=self.command,
+                       epoch_callback=EpochTest(self) if self.config["train"].get("eval_test_every_epoch") else None)
+
+    def training_data(self, backbone: ClipBackbone):
+        """What the run trains on (:func:`.data.training_data`): the few-shot, base/new split of the dataset."""
+        cfg = OmegaConf.create(self.config)
+        data_cfg = build(self.method, cfg)[2]
+        cache = self.cache_dir or str(Path(self.train_dir).resolve().parent / ".fewshot-cache")
+        split = load_split(self.dataset, self.data_root, self.shots, int(cfg.train.seed), self.train_subset, cache)
+        return training_data(split, self.dataset, backbone, data_cfg)
+
+
+class EpochTest:
+    """``epoch_callback`` of ``train.eval_test_every_epoch``: the training classes' test accuracy after every epoch.
+
+    Logged as ``{"epoch": E, "test_accuracy": %}`` in the run's ``log.jsonl`` (and TensorBoard / wandb) through
+    the trainer's tracker, for Nemesis's Fig. 3 (test accuracy beside the prompt norms over epochs). The test
+    split is the one the job's final evaluation of its own dataset reads (the ``seen`` rule, its classes).
+    """
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.split: D.DatasetSplits | None = None
+
+    def __call__(self, trainer, epoch: int, terms: dict) -> None:
+        job, cfg = self.job, OmegaConf.create(self.job.config)
+        if self.split is None:
+            cache = job.cache_dir or str(Path(job.train_dir).resolve().parent / ".fewshot-cache")
+            self.split = load_split(job.dataset, job.data_root, job.shots, int(cfg.train.seed), job.train_subset, cache)
+        with torch.no_grad():
+            result = evaluate_split(trainer.method, self.split, job.dataset, "seen", build(job.method, cfg)[2],
+                                    progress=False, feature_cache=job.feature_cache_dir)
+        trainer.method.train()
+        trainer.tracker.log({"epoch": epoch + 1, "test_accuracy": result["accuracy"]}, trainer.global_step, "test")
 
 
 def variant_name(tag: str | None, config_file: str | None, sets: tuple[str, ...] | list[str]) -> str:
@@ -284,7 +319,7 @@ def run_job(job: Job, force: bool = False, backbone: ClipBackbone | None = None)
         log.info("skipping %s: training and evaluations are finished (use --force to re-run)", job.name)
         return results
     backbone = backbone or load_backbone(job)
-    execute(spec, backbone=backbone, force=force, resume=job.resume)
+    execute(spec, job.training_data, backbone=backbone, force=force, resume=job.resume)
     if pending:
         trained_run = load_run(job.train_dir, backbone=backbone)
         for step in pending:
