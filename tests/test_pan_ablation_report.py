@@ -10,13 +10,14 @@ from alignednorm.protocols.tables import build_report
 
 
 def write_pan_eval(root: Path, variant: str, dataset: str, shots: int, seed: int, accuracy: float,
-                   method_cfg: dict | None, method: str = "nemesis", in_train_run: bool = False) -> None:
+                   method_cfg: dict | None, method: str = "nemesis", in_train_run: bool = False,
+                   suite: str = "mini") -> None:
     """A few-shot metrics.json as the protocols write it, with the method section of its config.yaml."""
     run = root / "fewshot" / dataset / f"shots{shots}" / method / variant / f"seed{seed}"
     folder = run / "eval" / dataset
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({
-        "protocol": "fewshot", "method": method, "variant": variant, "suite": "mini", "dataset": dataset,
+        "protocol": "fewshot", "method": method, "variant": variant, "suite": suite, "dataset": dataset,
         "target": dataset, "shots": shots, "seed": seed, "eval": {"all": {"accuracy": accuracy}}}))
     if method_cfg is not None:
         (run if in_train_run else folder).joinpath("config.yaml").write_text(yaml.safe_dump({"method": method_cfg}))
@@ -26,8 +27,8 @@ def pan(n: int, search: bool = True, terms: str = "pan", **extra) -> dict:
     return {"terms": terms, "pan_positions": n, "pan_search": search, "omega": 1.0, **extra}
 
 
-def tables_by_key(root):
-    return {t.key: t for t in build_report(root)}
+def tables_by_key(root, compare=None):
+    return {t.key: t for t in build_report(root, compare=compare)}
 
 
 def test_pan_ablation_table_rows_variants_columns_shots(tmp_path):
@@ -71,3 +72,22 @@ def test_pan_ablation_of_plot_nemesis_with_both_terms(tmp_path):
     t = tables_by_key(tmp_path)["table_ablation_pan_plot_nemesis_mini_shapes"]
     assert [name for name, _ in t.rows] == ["N = 1 (default)", "N = 8"]
     assert t.rows[1][1][1].mean == pytest.approx(61.0)
+
+
+def test_pan_ablation_beside_the_papers_table3(tmp_path):
+    write_pan_eval(tmp_path, "pan", "fgvc_aircraft", 1, 1, 10.0, pan(1), suite="paper")
+    write_pan_eval(tmp_path, "pan-n16-random", "fgvc_aircraft", 1, 1, 9.0, pan(16, search=False), suite="paper")
+    write_pan_eval(tmp_path, "pan-n3", "fgvc_aircraft", 1, 1, 8.0, pan(3), suite="paper")  # not in the paper
+    t = tables_by_key(tmp_path, compare="paper")["table_ablation_pan_nemesis_fgvc_aircraft"]
+    names = [name for name, _ in t.rows]
+    assert names == ["N = 1 (default)", "N = 1 (default) (paper)", "Δ N = 1 (default)", "N = 3",
+                     "N = 16 w/o selection", "N = 16 w/o selection (paper)", "Δ N = 16 w/o selection"]
+    assert [c.mean for c in t.rows[1][1]] == [9.88, 18.52, 20.94, 27.50, 32.32]
+    assert t.rows[2][1][0].mean == pytest.approx(0.12) and t.rows[2][1][1].missing
+    assert t.rows[5][1][4].mean == 31.12 and "RN50" in t.notes[-1]
+    assert not any("(paper)" in name for name, _ in tables_by_key(tmp_path)["table_ablation_pan_nemesis_fgvc_aircraft"].rows)
+    # Runs of the mini suite are not the paper's benchmark: no published rows, and the note says why.
+    write_pan_eval(tmp_path / "mini", "pan", "mini_shapes", 1, 1, 10.0, pan(1))
+    write_pan_eval(tmp_path / "mini", "pan-n2", "mini_shapes", 1, 1, 10.0, pan(2))
+    mini = tables_by_key(tmp_path / "mini", compare="paper")["table_ablation_pan_nemesis_mini_shapes"]
+    assert len(mini.rows) == 2 and "not the paper's benchmark" in mini.notes[-1]

@@ -238,9 +238,10 @@ class Table:
 
 
 # -------------------------------------------------------------------------------------- paper data
-def load_paper_results() -> dict:
-    """The published numbers shipped with the package (``configs/paper/results.json``)."""
-    path = resources.files("alignednorm") / "configs" / "paper" / "results.json"
+def load_paper_results(name: str = "results") -> dict:
+    """The published numbers shipped with the package: ``configs/paper/<name>.json`` (``results``: the
+    AlignedNorm paper's tables; ``nemesis``: the Nemesis paper's Table 3)."""
+    path = resources.files("alignednorm") / "configs" / "paper" / f"{name}.json"
     return json.loads(path.read_text())
 
 

@@ -331,7 +331,7 @@ def _pan_row_name(positions: int, search: bool, default: tuple[int, bool], label
     return f"{name} [{label}]" if label else name
 
 
-def pan_ablation_tables(records: list[Record], suite: str | None = None) -> list[Table]:
+def pan_ablation_tables(records: list[Record], suite: str | None = None, compare: bool = False) -> list[Table]:
     """Nemesis's Table 3: few-shot accuracy of PAN per number of corrupted positions N, with and without selection.
 
     The rows are the few-shot runs of a method with a ``pan_positions`` setting whose ``terms`` run PAN
@@ -339,7 +339,9 @@ def pan_ablation_tables(records: list[Record], suite: str | None = None) -> list
     (N ascending, "w/o selection" first); the columns are K. A table is built per method and dataset
     once its PAN runs hold at least two such settings (e.g. ``--tag pan-n2 --set method.pan_positions=2``),
     plus the average over datasets when there are several. Two variants with the same N and selection
-    (e.g. other ω) are both kept, named by their labels.
+    (e.g. other ω) are both kept, named by their labels. With ``compare``, the paper's numbers (Nemesis on
+    FGVCAircraft, ``configs/paper/nemesis.json``) and the differences follow each row they exist for, when
+    the runs are the paper suite's.
     """
     runs: dict[str, list[tuple[tuple[int, bool], Record]]] = defaultdict(list)
     settings: dict[str, dict] = {}
@@ -356,11 +358,12 @@ def pan_ablation_tables(records: list[Record], suite: str | None = None) -> list
     for method, found in sorted(runs.items()):
         if len({key for key, _ in found}) < 2:
             continue  # one setting of N and selection: nothing to ablate
-        tables += _pan_method_tables(method, found, suite)
+        tables += _pan_method_tables(method, found, suite, load_paper_results("nemesis") if compare else None)
     return tables
 
 
-def _pan_method_tables(method: str, found: list[tuple[tuple[int, bool], Record]], suite: str | None) -> list[Table]:
+def _pan_method_tables(method: str, found: list[tuple[tuple[int, bool], Record]], suite: str | None,
+                       paper: dict | None) -> list[Table]:
     labels_of: dict[tuple[int, bool], set[str]] = defaultdict(set)
     for key, rec in found:
         labels_of[key].add(rec.label)
@@ -369,7 +372,7 @@ def _pan_method_tables(method: str, found: list[tuple[tuple[int, bool], Record]]
     names = {(key, label): _pan_row_name(*key, default, label if len(labels_of[key]) > 1 else None)
              for key, label in rows}
     recs = [rec for _, rec in found]
-    datasets, _ = _per_dataset_rows(recs, suite, None)
+    datasets, published = _per_dataset_rows(recs, suite, paper)
     datasets = [ds for ds in datasets if any(r.target == ds for r in recs)]
     ks = sorted(set(FEW_SHOT_K) | {r.shots for r in recs})
     header = [f"K={k}" for k in ks]
@@ -385,7 +388,19 @@ def _pan_method_tables(method: str, found: list[tuple[tuple[int, bool], Record]]
             row = [_stat(members, target=ds, shots=k) for k in ks]
             cells.setdefault(ds, {})[(key, label)] = row
             table.rows.append((names[(key, label)], row))
+            if published is not None and not published.reason:
+                node = published.numbers.get("table3", {}).get(method, {}).get(ds, {}).get(str(key[0]), {})
+                numbers = node.get("selection" if key[1] else "without_selection")
+                if numbers:
+                    reference = [_paper(numbers, k) for k in ks]
+                    table.rows.append((f"{names[(key, label)]} (paper)", reference))
+                    table.rows.append((f"Δ {names[(key, label)]}", [difference(o, p) for o, p in zip(row, reference)]))
         table.notes.append(note)
+        if published is not None:
+            shown = any(name.endswith("(paper)") for name, _ in table.rows)
+            table.notes.append(f"paper: {published.reason}." if published.reason else
+                               "paper: Nemesis Table 3 (CoOp + PAN, RN50, mean of 5 seeds)." if shown else
+                               f"paper: no published Table 3 numbers for {method} on {ds} (only nemesis on fgvc_aircraft).")
         tables.append(table)
     if len(datasets) > 1:
         table = Table(f"table_ablation_pan_{method}_average", f"PAN ablation (Nemesis Table 3): {method}, "
@@ -411,7 +426,8 @@ def build_tables(records: list[Record], suite: str | None = None, compare: str |
     b2n = base_to_new_tables(records, suite, paper)
     tables = [t for t in b2n if not t.key.startswith("table_ablation")]
     tables += transfer_tables(records, suite, paper) + few_shot_tables(records, suite, paper)
-    return tables + [t for t in b2n if t.key.startswith("table_ablation")] + pan_ablation_tables(records, suite)
+    return tables + [t for t in b2n if t.key.startswith("table_ablation")] + pan_ablation_tables(records, suite,
+                                                                                              compare == "paper")
 
 
 def build_report(root: str | Path, suite: str | None = None, compare: str | None = None) -> list[Table]:
