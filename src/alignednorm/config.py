@@ -13,20 +13,134 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from alignednorm.engine.trainer import TrainConfig
 from alignednorm.errors import ConfigError
 from alignednorm.methods import get_method_class
 
 PROTOCOLS = ("base2new", "crossdataset", "domaingen", "fewshot")
 # What a run may be resolved for: a protocol's presets, or a plain evaluation (no protocol section).
 RUN_KINDS = (*PROTOCOLS, "eval")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SELECTIONS = ("last", "best-val")
+TIE_RULES = ("first", "last")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (Dassl's names in brackets).
+
+    Attributes:
+        epochs: training epochs (OPTIM.MAX_EPOCH).
+        batch_size: images per optimiser step, before accumulation (DATALOADER.TRAIN_X.BATCH_SIZE).
+        optimizer: ``adamw``, ``adam`` or ``sgd`` (OPTIM.NAME).
+        lr: peak learning rate (OPTIM.LR).
+        weight_decay: weight decay (OPTIM.WEIGHT_DECAY; Dassl's default 5e-4); decoupled for AdamW,
+            an L2 term in the gradient for Adam and SGD, as torch (and Dassl) apply them.
+        momentum: SGD momentum (OPTIM.MOMENTUM).
+        sgd_dampening: SGD dampening (OPTIM.SGD_DAMPNING).
+        sgd_nesterov: Nesterov momentum (OPTIM.SGD_NESTEROV).
+        adam_beta1, adam_beta2: Adam/AdamW betas (OPTIM.ADAM_BETA1/2).
+        adam_eps: Adam/AdamW epsilon (torch's default 1e-8; some official codes set their own).
+        warmup_epochs: epochs at the constant ``warmup_lr`` before the cosine (OPTIM.WARMUP_EPOCH).
+        warmup_lr: the constant warm-up learning rate (OPTIM.WARMUP_CONS_LR).
+        precision: ``auto`` (fp16 autocast with loss scaling on CUDA, as the official ``PREC: amp``;
+            fp32 elsewhere), ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + loss scaling).
+        grad_accum: micro-batches accumulated per optimiser step.
+        seed: seeds sampling order, augmentation and initialisation.
+        num_workers: data-loading worker processes.
+        log_every: steps between logged training steps (``log.jsonl``, TensorBoard, wandb).
+        select: which learned values the run keeps: ``last`` (after the final epoch) or ``best-val``
+            (the epoch with the best accuracy on the validation split, HiCroPL's choice).
+        select_ties: which of several epochs with the best validation accuracy ``best-val`` keeps:
+            ``first`` (Dassl's strict ``>``, the CoOp, MaPLe, PromptSRC and MMRL runs) or ``last``
+            (``>=``, HiCroPL's bundled Dassl, ``dassl/engine/trainer.py:432``).
+        tensorboard: write TensorBoard event files under ``<run>/tensorboard``.
+        wandb_project: also log to this Weights & Biases project when set (needs ``wandb``).
+        compile: a ``torch.compile`` backend (``inductor``, ``aot_eager``, ...) for the method's
+            forward, or empty (off, the default). Optional speed on GPUs, never needed; numbers stay
+            those of the eager path up to float rounding. The first steps pay the compile time.
+        text_chunk: encode at most this many class prompts at once, each chunk under activation
+            checkpointing (0: all at once). For label spaces that do not fit in memory (1,000
+            classes); features and gradients stay those of one pass, the step gets slower.
+        init_learnable: a ``.safetensors`` file of start values for every learned tensor (our names,
+            as a run's ``learnable.safetensors``), loaded before the first epoch in place of the
+            method's random init; empty (the default) keeps the random init. Reproduces a run whose
+            random draws ours cannot (e.g. an official run's initial prompt), or warm-starts one.
+        eval_test_every_epoch: the protocols also evaluate the training classes' test split after every
+            epoch and log ``test_accuracy`` in ``log.jsonl`` (Nemesis's Fig. 3 pairs it with the prompt
+            norms). Costs one test pass per epoch; the trained prompt and its final numbers are unchanged.
+    """
+
+    epochs: int = 5
+    batch_size: int = 4
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    sgd_dampening: float = 0.0
+    sgd_nesterov: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    precision: str = "auto"
+    grad_accum: int = 1
+    seed: int = 1
+    num_workers: int = 0
+    log_every: int = 10
+    select: str = "last"
+    select_ties: str = "first"
+    tensorboard: bool = True
+    wandb_project: str = ""
+    compile: str = ""
+    text_chunk: int = 0
+    init_learnable: str = ""
+    eval_test_every_epoch: bool = False
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"train.{f.name} = {value!r}; expected a finite number")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision = {self.precision!r}; expected one of {PRECISIONS}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"train.select = {self.select!r}; expected one of {SELECTIONS}")
+        if self.select_ties not in TIE_RULES:
+            raise ConfigError(f"train.select_ties = {self.select_ties!r}; expected one of {TIE_RULES}")
+        if self.compile and self.compile not in compile_backends():
+            raise ConfigError(f"train.compile = {self.compile!r}; expected '' (off) or a torch.compile backend: "
+                              f"{', '.join(compile_backends())}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer = {self.optimizer!r}; expected one of {OPTIMIZERS}")
+        for name in ("momentum", "sgd_dampening", "adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0 + (name == "sgd_dampening"):
+                raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected a value in [0, 1)")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"train.adam_eps = {self.adam_eps!r}; expected a value > 0")
+        for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected an integer >= 1")
+        for name in ("lr", "weight_decay", "warmup_lr", "warmup_epochs", "num_workers", "text_chunk"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected a value >= 0")
+
+
+def compile_backends() -> list[str]:
+    """The ``torch.compile`` backends this torch offers (``inductor``, ``aot_eager``, ``eager``, ...)."""
+    return sorted({*torch._dynamo.list_backends(), "eager"})
 
 
 @dataclass
