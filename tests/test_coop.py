@@ -136,7 +136,8 @@ def test_official_checkpoint_names(tiny_backbone, tmp_path):
     # Dassl saves the prompt learner alone: ctx plus the class-dependent buffers (ignored).
     for name in ("ctx", "prompt_learner.ctx"):
         path = tmp_path / f"{name}.safetensors"
-        save_file({name: values, "token_prefix": torch.zeros(3, 1, 8), "token_suffix": torch.zeros(3, 60, 8)}, str(path))
+        save_file({name: values, "token_prefix": torch.zeros(3, 1, 8), "token_suffix": torch.zeros(3, 60, 8)},
+                  str(path))
         import_official(method, path)
         assert torch.equal(method.context.ctx.detach(), values)
     save_file({"ctx": torch.randn(5, tiny_backbone.text_width)}, str(tmp_path / "bad.safetensors"))

@@ -72,7 +72,8 @@ def test_create_run_export_load_predict(tmp_path):
 
 def test_csv_with_given_split(tmp_path):
     source = _tree(tmp_path / "photos", classes=("a", "b"), per_class=3)
-    rows = ["path,label,split"] + [f"photos/{c}/{i}.png,{c},{('train', 'val', 'test')[i]}" for c in "ab" for i in range(3)]
+    rows = ["path,label,split"] + [f"photos/{c}/{i}.png,{c},{('train', 'val', 'test')[i]}"
+                                   for c in "ab" for i in range(3)]
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
     data = tmp_path / "data"
     data.mkdir()

@@ -18,7 +18,8 @@ def test_ok_missing_and_broken(json_dataset, aircraft_dataset):
         "oxford_pets", "ok", 5, 20, 10, 10, None)
     assert missing.status == "missing" and missing.problem == f"folder {json_dataset.root / 'dtd'} not found"
     assert broken.status == "broken" and broken.num_train is None
-    assert "1 of 18 images" in broken.problem and str(aircraft_dataset.folder / "images" / "1000002.jpg") in broken.problem
+    assert "1 of 18 images" in broken.problem and (
+        str(aircraft_dataset.folder / "images" / "1000002.jpg") in broken.problem)
 
     table = format_check(results)
     lines = table.splitlines()
@@ -32,7 +33,8 @@ def test_ok_missing_and_broken(json_dataset, aircraft_dataset):
 
 def test_wrong_class_count_is_broken(json_dataset):
     (result,) = check_data_root(json_dataset.root, [dataclasses.replace(json_dataset.spec, num_classes=37)])
-    assert result.status == "broken" and result.problem.startswith("found 5 classes") and "expected 37" in result.problem
+    assert (result.status == "broken" and result.problem.startswith("found 5 classes")
+            and "expected 37" in result.problem)
     assert result.num_classes == 5
 
 

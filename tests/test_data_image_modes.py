@@ -48,7 +48,8 @@ def test_32_bit_int_uses_the_smallest_depth_that_holds_it(tmp_path):
     assert _grey_row(load_rgb(str(sixteen))) == [0, 1, 255]
     for name, row in (("neg.tif", [-5, 10]), ("wide.tif", [0, 70000])):
         path = _saved(tmp_path, name, Image.fromarray(np.array([row], dtype=np.int32)), mode="I")
-        with pytest.raises(DataError, match=rf"{name}: I image with samples from {row[0]} to {row[1]}; expected 0\.\.255"):
+        with pytest.raises(DataError,
+                           match=rf"{name}: I image with samples from {row[0]} to {row[1]}; expected 0\.\.255"):
             load_rgb(str(path))
 
 

@@ -94,7 +94,8 @@ def test_init_chains_spread():
 # ---------------------------------------------------------------------- the method
 def test_marked_unofficial():
     cls = get_method_class("empl")
-    assert "unofficial" in cls.traits.note and "unofficial" in cls.traits.citation and "UNOFFICIAL" in sys.modules[cls.__module__].__doc__
+    assert ("unofficial" in cls.traits.note and "unofficial" in cls.traits.citation
+            and "UNOFFICIAL" in sys.modules[cls.__module__].__doc__)
     assert "ICCV" in cls.traits.citation and "2023" in cls.traits.citation
 
 

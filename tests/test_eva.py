@@ -43,7 +43,8 @@ def no_network(monkeypatch):
 
 
 def register_tiny_eva(monkeypatch, name: str, depth: int = 3, **trunk_overrides) -> str:
-    """Register ``tiny-<name>``: open_clip config ``name`` at width 64 and ``depth`` blocks per tower; returns the name."""
+    """Register ``tiny-<name>``: open_clip config ``name`` at width 64 and ``depth`` blocks per tower;
+    returns the name."""
     cfg = open_clip.get_model_config(name)
     trunk = cfg["vision_cfg"]["timm_model_name"]
     tiny_trunk = f"test_tiny_{trunk}"
@@ -58,7 +59,8 @@ def register_tiny_eva(monkeypatch, name: str, depth: int = 3, **trunk_overrides)
 
 
 def build_random(name: str, seed: int = 0) -> torch.nn.Module:
-    """open_clip's own build of ``name`` with random weights; biases, norms, embeddings and the head made non-trivial."""
+    """open_clip's own build of ``name`` with random weights; biases, norms, embeddings and the head
+    made non-trivial."""
     torch.manual_seed(seed)
     model = open_clip.create_model(name).eval()
     with torch.no_grad():

@@ -97,7 +97,8 @@ def test_bad_checkpoints_name_the_problem(tmp_path, small_clip):
     state = dict(small_clip.state_dict())
     state["ln_final.weight"] = torch.ones(7)
     torch.save(state, tmp_path / "ln_final.pt")
-    with pytest.raises(CheckpointError, match=r"wrong shapes \['ln_final.weight: checkpoint \(7,\) vs model \(64,\)'\]$"):
+    with pytest.raises(CheckpointError,
+                       match=r"wrong shapes \['ln_final.weight: checkpoint \(7,\) vs model \(64,\)'\]$"):
         load_clip(tmp_path / "ln_final.pt")
 
 
@@ -144,7 +145,8 @@ def test_gelu_open_clip_file_without_name_is_inferred_not_taken_as_quickgelu(tmp
 
 
 def test_gelu_or_quickgelu_undecidable_asks_for_the_name(tmp_path, tiny_configs):
-    tiny_configs(**{"tiny-b": copy.deepcopy(TINY_CFG), "tiny-b-quickgelu": {**copy.deepcopy(TINY_CFG), "quick_gelu": True}})
+    tiny_configs(**{"tiny-b": copy.deepcopy(TINY_CFG),
+                    "tiny-b-quickgelu": {**copy.deepcopy(TINY_CFG), "quick_gelu": True}})
     torch.save(_gelu_model().state_dict(), tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match=r"w.pt: weights fit several open_clip models that differ in activation "
                                               r".*pass --clip-model .*\(its weights fit tiny-b, tiny-b-quickgelu\)"):
@@ -191,7 +193,8 @@ def test_openai_formats_without_name_still_load(tmp_path, small_clip, caplog):
     assert type(loaded.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
     # What OpenAI's archives carry beside the weights marks a state dict as theirs.
     torch.save({**small_clip.state_dict(), "input_resolution": torch.tensor(32)}, tmp_path / "from_archive.pt")
-    assert type(load_clip(tmp_path / "from_archive.pt").visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert type(load_clip(tmp_path / "from_archive.pt")
+                .visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
 
 
 def test_openai_archive_with_a_gelu_model_name_is_refused(tmp_path, small_clip, tiny_configs):
@@ -202,7 +205,8 @@ def test_openai_archive_with_a_gelu_model_name_is_refused(tmp_path, small_clip, 
         traced = torch.jit.trace_module(small_clip, {"encode_image": (images,), "encode_text": (text,)})
         torch.jit.save(traced, str(tmp_path / "ViT-tiny.pt"))
     with pytest.raises(CheckpointError, match=r"ViT-tiny.pt: an OpenAI archive, trained with QuickGELU, but "
-                                              r"open_clip's tiny-gelu uses GELU; pass --clip-model tiny-gelu-quickgelu"):
+                                              r"open_clip's tiny-gelu uses GELU; "
+                                              r"pass --clip-model tiny-gelu-quickgelu"):
         load_clip(tmp_path / "ViT-tiny.pt", "tiny-gelu")
 
 
@@ -257,13 +261,15 @@ def test_no_random_init_warning_when_weights_follow(tmp_path, tiny_configs, capl
                          r"pooling 'map' \(attention pooling: SigLIP-style towers have no class token\).*"
                          r"text pooling 'last'")),
     ("coca_ViT-B-32", r"a CoCa captioning model .*attentional pooling in the image tower"),
-    ("PE-Core-B-16", r"a timm image tower \(vit_pe_core_base_patch16_224\) other than EVA-CLIP's Eva; image pooling 'map'"),
+    ("PE-Core-B-16", (r"a timm image tower \(vit_pe_core_base_patch16_224\) other than EVA-CLIP's Eva; "
+                      r"image pooling 'map'")),
     ("convnext_base", r"a timm image tower \(convnext_base\)"),
     ("roberta-ViT-B-32", r"a Hugging Face text tower \(roberta-base\)"),
 ])
 def test_architectures_the_runner_cannot_run_are_refused_by_name(tmp_path, small_clip, name, reason):
     path = save_openai_state_dict(small_clip, tmp_path / "clip.pt", half=False)
-    with pytest.raises(CheckpointError, match=rf"open_clip model '{name}' cannot be run block by block: it has {reason}"):
+    with pytest.raises(CheckpointError,
+                       match=rf"open_clip model '{name}' cannot be run block by block: it has {reason}"):
         load_clip(path, name)
 
 
@@ -304,7 +310,8 @@ def test_built_models_are_checked_too():
     siglip.pop("custom_text")
     with torch.device("meta"):
         problems = model_problems(open_clip.model.CustomTextCLIP(**siglip))
-    assert problems[:3] == ["a timm image tower (VisionTransformer) that is not timm's Eva (only EVA-CLIP's are supported)",
+    assert problems[:3] == [("a timm image tower (VisionTransformer) that is not timm's Eva "
+                             "(only EVA-CLIP's are supported)"),
                             "text pooling 'last' instead of the end-of-text token ('argmax')",
                             "a text tower without causal mask"]
 

@@ -131,6 +131,7 @@ def test_downstream_images_are_captured_pretraining_images_are_clean():
         clean = dataset.render(image_rng(0, dataset, label, "test", 0), *dataset.classes[label][1])
         assert captured.size == clean.size and not np.array_equal(np.asarray(captured), np.asarray(clean))
         if dataset.name != "mini_objects":  # objects' pretraining images draw a random style first
-            assert np.array_equal(np.asarray(pretraining_image(dataset, label, image_rng(0, dataset, label, "test", 0))),
+            assert np.array_equal(np.asarray(pretraining_image(dataset, label,
+                                                               image_rng(0, dataset, label, "test", 0))),
                                   np.asarray(clean))
     assert {d.capture for d in VARIANTS} == {get_mini("mini_objects").capture}

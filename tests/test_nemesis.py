@@ -129,7 +129,8 @@ def test_pun_step_terms(tiny_backbone):
     expected_pun = 3.0 * method.context.ctx.detach().norm(dim=-1).mean()
     assert step.omega_e == omega_e and float(step.terms["omega_e"]) == pytest.approx(omega_e)
     assert float(step.terms["pun"]) == pytest.approx(float(expected_pun), rel=1e-6)
-    assert float(step.terms["loss"].detach()) == pytest.approx(float(step.terms["ce"] + omega_e * expected_pun), rel=1e-6)
+    assert float(step.terms["loss"].detach()) == pytest.approx(float(step.terms["ce"] + omega_e * expected_pun),
+                                                               rel=1e-6)
     assert {f"ctx_norm_{j}" for j in range(4)} <= set(step.terms) and "pan" not in step.terms
     # The trainer's step state wins over the epoch hook; the schedule can be switched off.
     assert method.compute_step(*_batch(), state=StepState(epoch=49, max_epochs=50)).omega_e == omega_schedule(49, 50)

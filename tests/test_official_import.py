@@ -40,7 +40,8 @@ def test_mmrl_v1_names_and_bad_files(tmp_path):
             official[f"representation_learner.compound_rep_tokens_r2{side}proj.{i}.bias"] = torch.randn(width)
     torch.save({"state_dict": official}, tmp_path / "model.pth.tar-5")
     import_official(method, tmp_path / "model.pth.tar-5")
-    assert torch.equal(method.text_aligner.layers[1].bias, official["representation_learner.compound_rep_tokens_r2tproj.1.bias"])
+    assert torch.equal(method.text_aligner.layers[1].bias,
+                       official["representation_learner.compound_rep_tokens_r2tproj.1.bias"])
     torch.save({"state_dict": {"foo": torch.zeros(1)}}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="no mmrl learnable tensors found .*compound_rep_tokens"):
         import_official(method, tmp_path / "other.pth")

@@ -85,7 +85,8 @@ def test_pan_ablation_beside_the_papers_table3(tmp_path):
     assert [c.mean for c in t.rows[1][1]] == [9.88, 18.52, 20.94, 27.50, 32.32]
     assert t.rows[2][1][0].mean == pytest.approx(0.12) and t.rows[2][1][1].missing
     assert t.rows[5][1][4].mean == 31.12 and "RN50" in t.notes[-1]
-    assert not any("(paper)" in name for name, _ in tables_by_key(tmp_path)["table_ablation_pan_nemesis_fgvc_aircraft"].rows)
+    assert not any("(paper)" in name
+                   for name, _ in tables_by_key(tmp_path)["table_ablation_pan_nemesis_fgvc_aircraft"].rows)
     # Runs of the mini suite are not the paper's benchmark: no published rows, and the note says why.
     write_pan_eval(tmp_path / "mini", "pan", "mini_shapes", 1, 1, 10.0, pan(1))
     write_pan_eval(tmp_path / "mini", "pan-n2", "mini_shapes", 1, 1, 10.0, pan(2))

@@ -84,8 +84,10 @@ def test_parity_reads_every_setting_from_the_manifest(source, shared_dir, tmp_pa
               str(fixture / "learnable.safetensors"))
     backbone = method.backbone
     save_file({"images": torch.randn(3, 3, 32, 32), "labels": torch.tensor([8, 0, 3]),
-               "tokenized_prompts": backbone.tokenize([manifest["template"].format(c) for c in manifest["class_names_base"]]),
-               "tokenized_prompts_new": backbone.tokenize([manifest["template"].format(c) for c in manifest["class_names_new"]])},
+               "tokenized_prompts": backbone.tokenize(
+                   [manifest["template"].format(c) for c in manifest["class_names_base"]]),
+               "tokenized_prompts_new": backbone.tokenize(
+                   [manifest["template"].format(c) for c in manifest["class_names_new"]])},
               str(fixture / "inputs.safetensors"))
     reference_keys = load_file(str(shared_dir / "reference" / source / "outputs.safetensors")).keys()
     ours = compute_outputs(fixture, manifest)

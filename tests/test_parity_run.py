@@ -42,7 +42,8 @@ def test_run_level_kind_is_routed_before_the_config_section(shared_dir):
 def test_plan_reads_the_official_config(shared_dir):
     manifest = json.loads((shared_dir / "reference" / "coop_run_a" / "manifest.json").read_text())
     plan = plan_from_manifest(manifest, 32)
-    assert (plan.method, plan.protocol, plan.subset, plan.shots, plan.dataset) == ("coop", "fewshot", "all", 4, "eurosat")
+    assert (plan.method, plan.protocol, plan.subset, plan.shots, plan.dataset) == (
+        "coop", "fewshot", "all", 4, "eurosat")
     assert plan.config["train"]["select"] == "best-val" and plan.config["train"]["lr"] == 0.05
     assert plan.config["data"]["random_resized_crop"] is False and plan.config["data"]["hflip"] is False
     other = copy.deepcopy(manifest)

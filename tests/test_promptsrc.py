@@ -31,7 +31,8 @@ def test_gaussian_weights_over_epochs():
     e = math.exp(-0.5)
     assert np.allclose(w, [e / (1 + 2 * e), 1 / (1 + 2 * e), e / (1 + 2 * e)])
     official = gaussian_epoch_weights(15, 1, 20)  # promptsrc_a's manifest values
-    assert official[0] == pytest.approx(1.0966065601943704e-43, rel=1e-9) and official[14] == pytest.approx(0.3989422807)
+    assert (official[0] == pytest.approx(1.0966065601943704e-43, rel=1e-9)
+            and official[14] == pytest.approx(0.3989422807))
 
 
 def test_gpa_averages_the_prompts_and_survives_a_resume(backbone):

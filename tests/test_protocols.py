@@ -63,7 +63,8 @@ def test_base2new_paper_defaults():
     assert job.train_dir == "/out/base2new/imagenet/shots16/alignednorm/default/seed1"
     (step,) = job.evals
     assert step.target == "imagenet" and step.run_dir == job.train_dir + "/eval/imagenet"
-    assert [(e.name, e.classes, e.rule) for e in step.evaluations] == [("base", "base", "seen"), ("new", "new", "unseen")]
+    assert [(e.name, e.classes, e.rule) for e in step.evaluations] == [
+        ("base", "base", "seen"), ("new", "new", "unseen")]
     # the per-dataset presets are resolved into each job, the seed included
     assert job.config["train"]["batch_size"] == 32 and job.config["train"]["epochs"] == 5
     sun = next(j for j in jobs if j.dataset == "sun397" and j.seed == 2)

@@ -59,7 +59,8 @@ def test_seed_stat_and_harmonic_mean():
     cell = seed_stat([70.0, 72.0, 74.0])
     assert (cell.mean, cell.n) == (72.0, 3) and cell.std == pytest.approx(math.sqrt(8 / 3))  # population std
     assert seed_stat([]).missing
-    assert harmonic_mean(85.46, 77.79) == pytest.approx(81.45, abs=0.01)  # the paper's average row (from unrounded means)
+    # the paper's average row (from unrounded means)
+    assert harmonic_mean(85.46, 77.79) == pytest.approx(81.45, abs=0.01)
     assert harmonic_mean(None, 3.0) is None
 
 
@@ -202,7 +203,8 @@ def test_report_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| dtd | 80.00 | 84.63 | -4.63 |" in result.output  # one seed: no ±
     written = {p.name for p in (tmp_path / "report").iterdir()}
-    assert {"report.md", "table1_base2new_alignednorm_shots16.csv", "table1_base2new_alignednorm_shots16.tex"} <= written
+    assert {"report.md", "table1_base2new_alignednorm_shots16.csv",
+            "table1_base2new_alignednorm_shots16.tex"} <= written
     result = runner.invoke(app, ["report", str(tmp_path), "--format", "csv", "--no-write", "--report-dir", "x"])
     assert result.output.startswith("# Base-to-new: alignednorm (16 shots)\ndataset,Base,Base_std,Base_n,")
     assert runner.invoke(app, ["report", str(tmp_path), "--format", "latex"]).output.count(r"\begin{table}") == 1
@@ -235,7 +237,8 @@ def test_cost_table_from_real_runs(json_dataset, tmp_path):
 
     clip = save_openai_state_dict(make_tiny_clip(seed=2, layers=3), tmp_path / "clip.pt")
     args = ["run", "base2new", "--method", "mmrlpp", "--datasets", "oxford_pets", "--data-root",
-            str(json_dataset.root), "--clip", str(clip), "--seeds", "1", "--shots", "2", "--output", str(tmp_path / "r"),
+            str(json_dataset.root), "--clip", str(clip), "--seeds", "1", "--shots", "2",
+            "--output", str(tmp_path / "r"),
             "--set", "method.rep_layers=[2,3]", "--set", "method.rep_dim=16", "--set", "train.epochs=1",
             "--set", "train.batch_size=2", "--tag", "tiny"]
     from alignednorm.cli import app

@@ -142,7 +142,8 @@ def test_chunked_text_tower_gives_the_same_features_and_gradients(backbone, pref
     results = []
     for chunk in (None, 2):
         hook = InsertThenBlend(per_row_at_last=True)
-        prefix = None if prefix_layer is None else Prefix(prefix_layer, backbone.text_prefix(tokens, prefix_layer).states)
+        prefix = (None if prefix_layer is None
+                  else Prefix(prefix_layer, backbone.text_prefix(tokens, prefix_layer).states))
         if chunk is None:
             features = backbone.encode_text(tokens, hook=hook, prefix=prefix).features
         else:

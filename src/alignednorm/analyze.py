@@ -237,7 +237,8 @@ def analyze_runs(run_dirs: list[str | Path], output: str | Path, options: Analys
     from alignednorm.analysis import write_report
     from alignednorm.protocols.tables import run_accuracy_table
 
-    accuracy = run_accuracy_table(dict(zip(configs, map(Path, run_dirs), strict=True)))  # configs: one per run, in order
+    # configs: one per run, in order
+    accuracy = run_accuracy_table(dict(zip(configs, map(Path, run_dirs), strict=True)))
     return write_report(output / "index.html", figures, configs=configs, skipped=skipped,
                         title=f"alignednorm analysis: {', '.join(records)}", tables=[accuracy] if accuracy else [],
                         runs=run_dirs)
@@ -282,7 +283,8 @@ def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skip
     try:
         from alignednorm.analysis import plots as P
     except ImportError:
-        raise AlignedNormError("alignednorm analyze draws with matplotlib: pip install 'alignednorm[analysis]'") from None
+        raise AlignedNormError("alignednorm analyze draws with matplotlib: "
+                               "pip install 'alignednorm[analysis]'") from None
 
     output.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -360,7 +362,8 @@ def _figures(records, prompt_norms, output: Path, options: AnalysisOptions, skip
         lambda data, path: P.plot_prompt_norms_over_epochs(data, path, test_accuracy=accuracy), prompt_norms,
         norm_numbers, caption)
     if not prompt_norms:
-        skipped["prompt norms over epochs"] = "no run logged per-position prompt norms (ctx_norm_<i> terms, as CoOp-style methods do)"
+        skipped["prompt norms over epochs"] = ("no run logged per-position prompt norms "
+                                               "(ctx_norm_<i> terms, as CoOp-style methods do)")
     return figures
 
 
@@ -397,7 +400,8 @@ def corruption_runs(run_dirs: list[str | Path], options: AnalysisOptions | None 
         numbers[label] = {"low_norm_frequency": low_norm_frequency(results),
                           "results": [{"operation": r.operation, "factor": r.factor, "baseline": r.baseline,
                                        "accuracy": r.accuracy} for r in results]}
-        parts.append(f"### {label} ({len(split.test)} test images of its training classes)\n\n{format_table(results)}\n\n"
+        parts.append(f"### {label} ({len(split.test)} test images of its training classes)\n\n"
+                     f"{format_table(results)}\n\n"
                      f"Low-Norm Effect frequency (shrinking RESCALE factors, out of {4 * method.context.n_ctx}): "
                      f"{numbers[label]['low_norm_frequency']}")
     if output is not None:

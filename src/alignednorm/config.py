@@ -2,11 +2,11 @@
 
 Precedence, later wins: schema defaults ← method preset (``configs/methods/<method>.yaml``) ←
 the preset's protocol section ← its ``shots.<K>`` section (epochs per shot count) ← the dataset's
-suite file (``configs/suites/<suite>.yaml``: ``train`` and ``data`` shared by every method, then its ``protocols.<protocol>``, then that protocol's
-``datasets.<dataset>``) ← the preset's section for
+suite file (``configs/suites/<suite>.yaml``: ``train`` and ``data`` shared by every method, then its
+``protocols.<protocol>``, then that protocol's ``datasets.<dataset>``) ← the preset's section for
 that suite (``suites.mini``, then ``suites.mini.protocols.<protocol>``) ← its per-dataset section
-for that protocol ← the user's YAML ← ``--set key=value`` options. Unknown keys and wrong types raise :class:`ConfigError` naming
-the key, the file it came from and the closest valid key.
+for that protocol ← the user's YAML ← ``--set key=value`` options. Unknown keys and wrong types
+raise :class:`ConfigError` naming the key, the file it came from and the closest valid key.
 """
 
 from __future__ import annotations
@@ -266,9 +266,11 @@ def _preset_layers(method: str, protocol: str | None, dataset: str | None,
         suite = preset.get("suites", {}).get(name, {})
         layers += _sections(suite, f"{path} suites.{name}")
         if protocol:
-            layers += _sections(suite.get("protocols", {}).get(protocol, {}), f"{path} suites.{name}.protocols.{protocol}")
+            layers += _sections(suite.get("protocols", {}).get(protocol, {}),
+                                f"{path} suites.{name}.protocols.{protocol}")
     if dataset and section:
-        layers += _sections(section.get("datasets", {}).get(dataset, {}), f"{path} protocols.{protocol}.datasets.{dataset}")
+        layers += _sections(section.get("datasets", {}).get(dataset, {}),
+                            f"{path} protocols.{protocol}.datasets.{dataset}")
     return layers
 
 

@@ -217,7 +217,8 @@ def front_matter(config: dict) -> str:
 def model_card(config: dict) -> str:
     """A model card (Hugging Face hub front matter + Markdown) for an exported prompt."""
     method_cls = get_method_class(config["method"])
-    rows = "\n".join(f"| {target} | " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in evals.items()) + " |"
+    rows = "\n".join(f"| {target} | "
+                     + ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in evals.items()) + " |"
                      for target, evals in config["metrics"].items()) or "| (not evaluated) | |"
     backbone = config["backbone"]
     name = backbone.get("name") or backbone["file"]

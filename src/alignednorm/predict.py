@@ -321,7 +321,8 @@ def train_command(request, protocol: str, dataset: str, shots: int, seed: int, t
     """The ``alignednorm train`` / ``eval`` command that reproduces a job (recorded in run.json and model cards)."""
     from alignednorm.engine.run import format_command
 
-    words = (["eval", "--method", request.method, "--dataset", dataset, "--subset", step_suffix[1:]] if protocol == "eval"
+    words = (["eval", "--method", request.method, "--dataset", dataset, "--subset", step_suffix[1:]]
+             if protocol == "eval"
              else ["train", "--method", request.method, "--dataset", dataset, "--protocol", protocol, "--shots", shots,
                    "--seed", seed, "--subset", train_subset])
     words += ["--data-root", request.data_root, "--clip", request.clip]

@@ -287,7 +287,8 @@ def to_markdown(table: Table) -> str:
 
 def to_csv(table: Table) -> str:
     """Machine-readable: a mean column per header entry, plus ``_std`` and ``_n`` where seeds exist."""
-    with_n = [any(isinstance(cells[i], Cell) and cells[i].n for _, cells in table.rows) for i in range(len(table.header))]
+    with_n = [any(isinstance(cells[i], Cell) and cells[i].n for _, cells in table.rows)
+              for i in range(len(table.header))]
     header = [table.row_header]
     for name, has_n in zip(table.header, with_n):
         header += [name, f"{name}_std", f"{name}_n"] if has_n else [name]

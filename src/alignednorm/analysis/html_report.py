@@ -191,7 +191,8 @@ def _numbers_table(numbers: Mapping) -> str:
             grid.setdefault(parent, {})[name] = arr
         head = "<tr><th></th>" + "".join(f"<th>{escape(c)}</th>" for c in columns) + "</tr>"
         body = "".join(f"<tr><th>{escape(parent or '(value)')}</th>" + "".join(
-            f"<td>{_value_html(row[c]) if c in row else ''}</td>" for c in columns) + "</tr>" for parent, row in grid.items())
+            f"<td>{_value_html(row[c]) if c in row else ''}</td>" for c in columns) + "</tr>"
+                       for parent, row in grid.items())
         parts.append(f'<table class="numbers">{head}{body}</table>')
     arrays = "".join(f"<tr><th>{escape(key)}</th><td>{_value_html(arr)}</td></tr>" for key, arr in leaves if arr.ndim)
     if arrays:

@@ -5,7 +5,8 @@ record) -> final norm -> pooling -> projection, in both towers. Only attribute n
 OpenAI's archives and open_clip 3.x/4.x are touched (style.md §3). OpenAI's ResNet image towers
 (RN50, RN101) run as one frozen module: methods that only prompt the text tower (zero-shot, CoOp,
 CoCoOp, Nemesis, linear probe) work on them, vision hooks get a clear error; every output of their
-attention pool (the local features of OT scoring, PLOT) comes from :meth:`ClipBackbone.encode_image_tokens`. EVA-CLIP image towers
+attention pool (the local features of OT scoring, PLOT) comes from
+:meth:`ClipBackbone.encode_image_tokens`. EVA-CLIP image towers
 (timm's ``Eva`` in open_clip's ``TimmModel``) run block by block in :mod:`alignednorm.backbone.eva`,
 and a text tower under ``model.text`` (``CustomTextCLIP``) is reached through :attr:`~ClipBackbone.text_tower`.
 """
@@ -383,7 +384,8 @@ class ClipBackbone(nn.Module):
             features = encode_text_in_chunks(self, self.text_chunk, token_ids, hook, embeddings, prefix,
                                              full_length=full_length, embeddings_built_alike=embeddings_built_alike)
             return TowerOutput(features, None, None)
-        x, state, first = self._start(prefix, token_ids, self.embed_text if embeddings is None else lambda _: embeddings)
+        x, state, first = self._start(prefix, token_ids,
+                                      self.embed_text if embeddings is None else lambda _: embeddings)
         if not self._keeps_padding(full_length):  # prompts inserted before the EOTs lengthen the kept part
             x = x[:, : self.text_length(token_ids) + (state.n if prefix is not None else 0)]
         x = self._run_blocks(x, self.text_tower.transformer.resblocks, hook, trace, state, first, causal=True,

@@ -56,7 +56,8 @@ def tower_problems(visual: nn.Module) -> list[str]:
 
 # ----------------------------------------------------------------------------- forward
 def embed_image(visual: TimmModel, images: Tensor) -> Tensor:
-    """Patch embeddings after the class token, plus the absolute position table, then ``norm_pre``: ``(B, 1 + grid², W)``."""
+    """Patch embeddings after the class token, plus the absolute position table, then ``norm_pre``:
+    ``(B, 1 + grid², W)``."""
     trunk = visual.trunk
     x = trunk.patch_embed(images.to(trunk.patch_embed.proj.weight.dtype))  # (B, grid², W)
     cls = trunk.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)

@@ -252,7 +252,8 @@ def openai_config(state_dict: dict[str, torch.Tensor], source: str = "state dict
         "layers": len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
     }
     # A model with no blocks would load without complaint from such a file, and compute nonsense.
-    for what, count in (("visual.transformer.resblocks.*", vision["layers"]), ("transformer.resblocks.*", text["layers"])):
+    for what, count in (("visual.transformer.resblocks.*", vision["layers"]),
+                        ("transformer.resblocks.*", text["layers"])):
         if not count:
             raise CheckpointError(f"{source}: not a CLIP state dict in OpenAI naming: no blocks ({what})")
     return {"embed_dim": sd["text_projection"].shape[1], "vision_cfg": vision, "text_cfg": text}
@@ -262,7 +263,8 @@ def _text_width(sd: dict[str, torch.Tensor]) -> int:
     """The text tower's width as most of its width-bearing tensors say it, so that one wrong tensor is the
     one the strict load names (OpenAI's loader reads it from ``ln_final.weight`` alone)."""
     widths = [sd[k].shape[i] for k, i in (("ln_final.weight", 0), ("ln_final.bias", 0), ("positional_embedding", 1),
-                                          ("token_embedding.weight", 1), ("text_projection", 0)) if k in sd and sd[k].dim() > i]
+                                          ("token_embedding.weight", 1), ("text_projection", 0))
+              if k in sd and sd[k].dim() > i]
     return max(set(widths), key=widths.count) if widths else sd["ln_final.weight"].shape[0]
 
 

@@ -13,7 +13,8 @@ timed: the trainer is a bare ``MMRLpp`` holding what ``build_model`` and ``forwa
 data loaders, no logging); the official CLIP download is pointed at the written file (nothing is
 downloaded); on the CPU the frozen CLIP's class text features are computed where the model is (the
 official helper calls ``.cuda()``); and where Dassl's warm-up LR scheduler fails on a recent torch, a plain
-cosine one stands in (it is stepped only after an epoch, never in a timed step). Only our own parts are tested (tests/test_bench_official.py).
+cosine one stands in (it is stepped only after an epoch, never in a timed step). Only our own parts are tested
+(tests/test_bench_official.py).
 """
 
 from __future__ import annotations
@@ -290,7 +291,8 @@ def run_official_bench(official_repo: str | Path, dassl: str | Path | None = Non
             problems = weight_problems(trainer, state)
             del state
             if problems:
-                raise CheckpointError(f"the official build_model did not take the random CLIP: {'; '.join(problems[:4])}")
+                raise CheckpointError("the official build_model did not take the random CLIP: "
+                                      f"{'; '.join(problems[:4])}")
             result.params["mmrlpp (official)"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)

@@ -52,7 +52,8 @@ def method_from_manifest(manifest: dict) -> tuple[str, dict]:
     config = {ours: official[key] for key, ours in KEYS.items() if key in official}
     if "distill_weight" in config:
         config["distill_weight"] = float(config["distill_weight"])
-    config.update(mapping="reference", official_fp16_rounding=True, unused_prompt_blocks=True)  # the official float32 path
+    # the official float32 path
+    config.update(mapping="reference", official_fp16_rounding=True, unused_prompt_blocks=True)
     return "hicropl", config
 
 
@@ -147,7 +148,8 @@ def _official_mapped_prompts(method, reference: dict[str, torch.Tensor]):
     def rewrite():
         mapped = original()
         text, vision = method.stored_prompts()
-        ours.extend([{b: t.detach().clone() for b, t in text.items()}, {b: t.detach().clone() for b, t in vision.items()}])
+        ours.extend([{b: t.detach().clone() for b, t in text.items()},
+                     {b: t.detach().clone() for b, t in vision.items()}])
         for stored, layers, key in ((vision, mapped.vision, "visual"), (text, mapped.text, "text")):
             order = sorted(stored)
             for b in layers:

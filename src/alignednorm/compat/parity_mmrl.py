@@ -51,7 +51,8 @@ def _vision_records(trace: Trace, ln_pre: torch.Tensor, layers: list[int], n: in
     cls = torch.stack([trace.hidden[layer][:, 0] for layer in layers])  # (K, B, W)
     rep = torch.stack([trace.hidden[layer][:, start : start + n] for layer in layers])  # (K, B, n, W)
     out.update({"vision.cls_hidden": cls, "vision.rep_hidden": rep, "vision.cls_hidden_norm": cls.norm(dim=-1),
-                "vision.rep_hidden_mean_norm": rep.mean(dim=2).norm(dim=-1), "vision.rep_hidden_norm": rep.norm(dim=-1)})
+                "vision.rep_hidden_mean_norm": rep.mean(dim=2).norm(dim=-1),
+                "vision.rep_hidden_norm": rep.norm(dim=-1)})
     if trace.attn_out:
         out["vision.attn_out_cls"] = torch.stack([trace.attn_out[layer][:, 0] for layer in layers])
         out["vision.attn_out_rep"] = torch.stack([trace.attn_out[layer][:, start : start + n] for layer in layers])
@@ -106,7 +107,8 @@ def _train_step(method, manifest, images, labels, official_names) -> dict:
             rec[f"grad.{official}"] = param.grad if param.grad is not None else torch.zeros_like(param)
     step = manifest["optimizer_step"]
     optimizer = torch.optim.AdamW(method.learnable_parameters(), lr=step["lr_at_step"], betas=tuple(step["betas"]),
-                                  eps=step["eps"], weight_decay=step["weight_decay"], amsgrad=step.get("amsgrad", False))
+                                  eps=step["eps"], weight_decay=step["weight_decay"],
+                                  amsgrad=step.get("amsgrad", False))
     optimizer.step()
     for ours, param in params.items():
         if param.requires_grad:

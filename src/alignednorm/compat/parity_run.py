@@ -162,7 +162,8 @@ def train_settings(cfg: dict, precision: str) -> dict:
         "adam_beta1": float(_get(cfg, "OPTIM.ADAM_BETA1")), "adam_beta2": float(_get(cfg, "OPTIM.ADAM_BETA2")),
         "adam_eps": 1e-8,  # Dassl passes none: torch's default
         "epochs": int(_get(cfg, "OPTIM.MAX_EPOCH")), "warmup_epochs": max(warmup, 0),
-        "warmup_lr": float(_get(cfg, "OPTIM.WARMUP_CONS_LR")), "batch_size": int(_get(cfg, "DATALOADER.TRAIN_X.BATCH_SIZE")),
+        "warmup_lr": float(_get(cfg, "OPTIM.WARMUP_CONS_LR")),
+        "batch_size": int(_get(cfg, "DATALOADER.TRAIN_X.BATCH_SIZE")),
         "seed": int(_get(cfg, "SEED")), "select": select, "precision": precision, "grad_accum": 1,
         "log_every": 1, "tensorboard": False, "wandb_project": "",
     }
@@ -176,11 +177,13 @@ def data_settings(cfg: dict, image_size: int) -> dict:
         raise FixtureError(f"manifest.json: config.INPUT.TRANSFORMS = {names}; run-level parity supports "
                            f"{list(_TRANSFORMS)} with normalize")
     if list(_get(cfg, "INPUT.SIZE")) != [image_size, image_size]:
-        raise FixtureError(f"manifest.json: config.INPUT.SIZE = {_get(cfg, 'INPUT.SIZE')}; the CLIP's input is {image_size}")
+        raise FixtureError(f"manifest.json: config.INPUT.SIZE = {_get(cfg, 'INPUT.SIZE')}; "
+                           f"the CLIP's input is {image_size}")
     _require(cfg, "INPUT.INTERPOLATION", ("bicubic",))
     for key, ours in (("PIXEL_MEAN", OPENAI_DATASET_MEAN), ("PIXEL_STD", OPENAI_DATASET_STD)):
         if not np.allclose(_get(cfg, f"INPUT.{key}"), ours, atol=1e-8):
-            raise FixtureError(f"manifest.json: config.INPUT.{key} = {_get(cfg, f'INPUT.{key}')}; ours is CLIP's {ours}")
+            raise FixtureError(f"manifest.json: config.INPUT.{key} = {_get(cfg, f'INPUT.{key}')}; "
+                               f"ours is CLIP's {ours}")
     return {"random_resized_crop": "random_resized_crop" in names, "hflip": "random_flip" in names,
             "crop_scale": [float(v) for v in _get(cfg, "INPUT.RRCROP_SCALE")],
             "eval_batch_size": int(_get(cfg, "DATALOADER.TEST.BATCH_SIZE")), "descriptions": ""}
@@ -209,7 +212,8 @@ def write_dataset(fixture: Path, manifest: dict, dataset: str, root: Path) -> No
     """The fixture's images as PNG files in the catalog layout of ``dataset``, plus its CoOp split file."""
     spec = D.get_dataset(dataset)
     if spec.reader != "split_json":
-        raise FixtureError(f"manifest.json: config.DATASET.NAME {spec.dassl_name}: only split-file datasets are supported")
+        raise FixtureError(f"manifest.json: config.DATASET.NAME {spec.dassl_name}: "
+                           "only split-file datasets are supported")
     index = manifest["dataset"]["index"]
     pixels = load_file(str(fixture / "dataset_pixels.safetensors"))["pixels"]
     if pixels.shape[0] != len(index) or pixels.dtype != torch.uint8:
@@ -321,7 +325,8 @@ def run_ours(fixture: Path, manifest: dict, work: Path) -> dict:
     metrics = run_eval_step(job, step, trained)
     finals, labels = {}, {}
     for ev in plan.evaluations:
-        labels[ev.name] = torch.tensor([it.label for it in D.subsample_classes(full, ev.classes).test])  # evaluated in order, batch after batch
+        # evaluated in order, batch after batch
+        labels[ev.name] = torch.tensor([it.label for it in D.subsample_classes(full, ev.classes).test])
         rows, parts = metrics["eval"][ev.name]["num_samples"], []
         while sum(len(x) for x in parts) < rows and calls:
             parts.append(calls.pop(0))
@@ -422,8 +427,9 @@ def compare_selection(ours: dict, manifest: dict) -> dict:
     for ev in manifest.get("evaluations", []):
         if ev.get("phase") == "train" and ev.get("split") == "val":
             k = int(ev["after_epoch"])
-            results[f"val.epoch{k:02d}.accuracy"] = _exact(val_log.get(k), ev["results"]["accuracy"], TOLERANCES["accuracy"]) \
-                if k in val_log else {"ok": False, "max_abs_diff": float("inf"), "error": "no validation logged"}
+            results[f"val.epoch{k:02d}.accuracy"] = (
+                _exact(val_log.get(k), ev["results"]["accuracy"], TOLERANCES["accuracy"])
+                if k in val_log else {"ok": False, "max_abs_diff": float("inf"), "error": "no validation logged"})
     last = int(manifest["config"]["OPTIM"]["MAX_EPOCH"])
     results["selected_epoch"] = _exact(ours["train"].get("selected_epoch", last), official_selected_epoch(manifest))
     return results

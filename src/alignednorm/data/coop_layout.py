@@ -116,7 +116,8 @@ def _load_json_object(path: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"split file {path} is not valid JSON ({exc}); expected a CoOp split JSON") from None
     if not isinstance(raw, dict):
-        raise DataError(f"split file {path} holds a {type(raw).__name__}; expected an object with keys train, val, test")
+        raise DataError(f"split file {path} holds a {type(raw).__name__}; "
+                        "expected an object with keys train, val, test")
     for key in _SPLIT_KEYS:
         if key not in raw:
             raise DataError(f"split file {path} has no key {key!r} (keys found: {sorted(raw)}); "

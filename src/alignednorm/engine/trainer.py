@@ -241,7 +241,8 @@ class Trainer:
         loader = self._loader(dataset, epoch)
         sums: dict[str, float] = {}
         start = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=None if self.progress else True, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=None if self.progress else True,
+                   leave=False)
         for step, batch in enumerate(bar):
             if batch is None:  # every image of the batch was unreadable and skipped
                 continue

@@ -51,7 +51,8 @@ def logged_position_norms(ctx: Tensor, norm: str = "l2") -> Tensor:
 
 
 def matrix_norm(ctx: Tensor, norm: str = "l2") -> Tensor:
-    """The logged ``matrix_norm``: Frobenius (l2), induced 1- (l1) or ∞-norm (linf) of ``(L, W)``; class mean for CSC."""
+    """The logged ``matrix_norm``: Frobenius (l2), induced 1- (l1) or ∞-norm (linf) of ``(L, W)``;
+    class mean for CSC."""
     _order(norm)
     order = {"l2": "fro", "l1": 1, "linf": math.inf}[norm]
     return torch.linalg.matrix_norm(ctx.detach(), ord=order).mean()

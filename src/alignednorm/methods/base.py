@@ -50,7 +50,8 @@ def check_range(config: MethodConfig, name: str, low: float | None = None, high:
     value = getattr(config, name)
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise ConfigError(f"{type(config).__qualname__}.{name} = {value!r} is out of range; expected a value in {bounds}")
+        raise ConfigError(f"{type(config).__qualname__}.{name} = {value!r} is out of range; "
+                          f"expected a value in {bounds}")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from alignednorm.prompts.text_context import TextContext
 # ``linear2``, our ``meta_net.0`` / ``meta_net.2`` (a ReLU sits between them).
 OFFICIAL_NAMES = OfficialNames(
     rules=(*CoOp.traits.official_names.rules,
-           (r"(?:prompt_learner\.)?meta_net\.linear([12])\.(weight|bias)$", lambda m: f"meta_net.{2 * int(m[1]) - 2}.{m[2]}")),
+           (r"(?:prompt_learner\.)?meta_net\.linear([12])\.(weight|bias)$",
+            lambda m: f"meta_net.{2 * int(m[1]) - 2}.{m[2]}")),
     example="prompt_learner.meta_net.linear1.weight")
 
 
@@ -93,6 +94,6 @@ class CoCoOp(CoOp):
         text = self.conditional_text_features(f, trace.text)  # (B, C, E)
         w = F.normalize(text, dim=-1)
         logits = self.logit_scale * (f.unsqueeze(1) * w).sum(dim=-1)  # (B, C)
-        return Outputs(logits=logits, features=f, branches={"image_features_unnorm": image, "text_features_unnorm": text,
-                                                            "text_features": w})
+        return Outputs(logits=logits, features=f,
+                       branches={"image_features_unnorm": image, "text_features_unnorm": text, "text_features": w})
 

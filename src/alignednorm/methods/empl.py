@@ -64,7 +64,8 @@ def aggregate_logits(per_sample: Tensor, texts: Tensor, image: Tensor, scale: fl
 class EMPL(CoOp):
     """EMPL, unofficial reconstruction: K Langevin samples of a CoOp context from CLIP's free energy."""
 
-    traits = MethodTraits(note="unofficial reconstruction (no reference code or numbers; specs/empl.md)", citation="""@inproceedings{chen2023empl,
+    traits = MethodTraits(note="unofficial reconstruction (no reference code or numbers; specs/empl.md)",
+                          citation="""@inproceedings{chen2023empl,
   title = {A Retrospect to Multi-prompt Learning across Vision and Language},
   author = {Chen, Ziliang and Huang, Xin and Guan, Quanlong and Lin, Liang and Luo, Weiqi},
   booktitle = {ICCV}, pages = {22190--22201}, year = {2023},

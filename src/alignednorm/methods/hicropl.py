@@ -98,7 +98,8 @@ OFFICIAL_NAMES = OfficialNames(
 class HiCroPL(DeepPromptMethod):
     """Deep prompts in both towers, mapped across them at layer k, fused with frozen CLIP."""
 
-    traits = MethodTraits(uses_descriptions=True, official_names=OFFICIAL_NAMES, citation="""@article{zheng2025hierarchical,
+    traits = MethodTraits(uses_descriptions=True, official_names=OFFICIAL_NAMES,
+                          citation="""@article{zheng2025hierarchical,
   title={Hierarchical Cross-modal Prompt Learning for Vision-Language Models},
   author={Zheng, Hao and Yang, Shunzhi and He, Zhuoxin and Yang, Jinfeng and Huang, Zhenhua},
   journal={arXiv preprint arXiv:2507.14976},

@@ -163,7 +163,8 @@ class MaPLe(DeepPromptMethod):
         self.couplings = Coupling(blocks, bb.text_width, bb.vision_width, fp16_init=cfg.official_fp16_rounding)
 
     def vision_prompts(self) -> dict[int, Tensor]:
-        """``{block: F_l(P_l)}`` ``(n, W_v)`` for every prompted block (official ``shared_ctx``, ``visual_deep_prompts``)."""
+        """``{block: F_l(P_l)}`` ``(n, W_v)`` for every prompted block
+        (official ``shared_ctx``, ``visual_deep_prompts``)."""
         return self.couplings({b: self.text_prompts[str(b)] for b in self.text_prompts.blocks()})
 
     def compute_text_features(self, trace: Trace | None = None) -> Tensor:

@@ -118,7 +118,8 @@ class Nemesis(CoOp):
             check_range(self, "schedule_rate", 0.0)
             check_range(self, "pan_positions", 1)
             if not 0.0 < self.tau < 1.0:
-                raise ConfigError(f"tau = {self.tau!r}; PAN rescales a position to shrink its norm: expected 0 < tau < 1")
+                raise ConfigError(f"tau = {self.tau!r}; PAN rescales a position to shrink its norm: "
+                                  "expected 0 < tau < 1")
 
     def __init__(self, backbone, config=None):
         super().__init__(backbone, config)

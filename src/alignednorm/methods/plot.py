@@ -99,7 +99,8 @@ class Plot(CoOp):
 
     def encode_prompts(self, embeddings: Tensor, token_ids: Tensor, trace: Trace | None = None,
                        built_alike: bool | None = None) -> Tensor:
-        """CoOp's text encoding; ``token_ids`` ``(C, T)`` of one set serve every set of ``embeddings`` ``(S·C, T, W)``."""
+        """CoOp's text encoding; ``token_ids`` ``(C, T)`` of one set serve every set of
+        ``embeddings`` ``(S·C, T, W)``."""
         if token_ids.shape[0] != embeddings.shape[0]:
             token_ids = token_ids.repeat(embeddings.shape[0] // token_ids.shape[0], 1)
         return super().encode_prompts(embeddings, token_ids, trace, built_alike)

@@ -36,7 +36,8 @@ class ZeroShotCLIP(Method):
         image_trace = trace.image if trace is not None else None
         features = F.normalize(self.backbone.encode_image(images, trace=image_trace).features, dim=-1)
         text = self.text_features(trace.text if trace is not None else None)
-        return Outputs(logits=self.logit_scale * features @ text.t(), features=features, branches={"text_features": text})
+        return Outputs(logits=self.logit_scale * features @ text.t(), features=features,
+                       branches={"text_features": text})
 
     def logits_from_image_features(self, features: Tensor, rule: str = "any") -> Tensor:
         return self.logit_scale * F.normalize(features, dim=-1) @ self.text_features().t()

@@ -110,7 +110,8 @@ class ImagePool:
 
     def __init__(self, cfg: PretrainConfig, step: int = 0):
         self.cfg, self.datasets = cfg, training_datasets()
-        self.owner = [(d, lab) for d in self.datasets for lab in range(len(d.classes)) for _ in range(cfg.pool_per_class)]
+        self.owner = [(d, lab) for d in self.datasets for lab in range(len(d.classes))
+                      for _ in range(cfg.pool_per_class)]
         self.offset, start = {}, 0
         for d in self.datasets:
             self.offset[d.name], start = start, start + len(d.classes) * cfg.pool_per_class
@@ -392,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=PretrainConfig.eval_every)
     parser.add_argument("--patch-size", type=int, default=MINI_CLIP["patch_size"])
     parser.add_argument("--rescore", action="store_true",
-                        help="only re-measure the zero-shot table of --out (or the packaged asset) on the current world")
+                        help="only re-measure the zero-shot table of --out (or the packaged asset) "
+                             "on the current world")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.rescore:

@@ -77,7 +77,8 @@ def render_relation(rng: np.random.Generator, first: str, relation: str, second:
         cx, cy = (ox + along, oy + across) if relation == "left of" else (ox + across, oy + along)
         shape = SHAPES[("circle", "square", "triangle", "cross")[int(rng.integers(0, 4))]]
         scale = float(rng.uniform(4.0, 5.2))
-        paint(canvas, mask(shape, float(cx), float(cy), scale, float(rng.uniform(-20, 20))), jitter(rng, PALETTE[colour]))
+        paint(canvas, mask(shape, float(cx), float(cy), scale, float(rng.uniform(-20, 20))),
+              jitter(rng, PALETTE[colour]))
     return finish(canvas)
 
 

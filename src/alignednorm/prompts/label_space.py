@@ -43,7 +43,8 @@ class LabelSpace:
         if not self.classnames:
             raise ConfigError("a label space needs at least one class name; none were given")
         if any(not isinstance(c, str) or not c.strip() for c in self.classnames):
-            raise ConfigError(f"class names must be non-empty strings; got {[c for c in self.classnames if not str(c).strip()]!r}")
+            raise ConfigError("class names must be non-empty strings; "
+                              f"got {[c for c in self.classnames if not str(c).strip()]!r}")
         seen: dict[str, str] = {}
         for name in self.classnames:
             key = _normalise(name)

@@ -86,7 +86,8 @@ def langevin_sample(energy: Callable[[Tensor], Tensor], init: Tensor, steps: int
         raise ConfigError(f"langevin steps = {steps}, step_size = {step_size}, noise_scale = {noise_scale}; "
                           "expected non-negative values")
     if torch.is_inference_mode_enabled():
-        raise ConfigError("Langevin sampling needs gradients; call it under torch.no_grad(), not torch.inference_mode()")
+        raise ConfigError("Langevin sampling needs gradients; call it under torch.no_grad(), "
+                          "not torch.inference_mode()")
     scale = scale.detach() if isinstance(scale, Tensor) else scale
     second_order = create_graph and init.requires_grad
     # Fused attention kernels have no second derivative: differentiate through the math kernel.

@@ -75,7 +75,8 @@ def sinkhorn(cost: Tensor, eps: float = 0.1, max_iter: int = 100, threshold: flo
         plan = r.unsqueeze(-1) * c.unsqueeze(-2) * kernel
     if not torch.isfinite(plan).all():
         raise FloatingPointError(f"the Sinkhorn transport plan is not finite (eps = {eps}: exp(-cost / eps) "
-                                 f"under- or overflowed for costs in [{float(cost.min()):.3g}, {float(cost.max()):.3g}])")
+                                 "under- or overflowed for costs in "
+                                 f"[{float(cost.min()):.3g}, {float(cost.max()):.3g}])")
     return Transport(plan, kernel, r, c, iterations, error)
 
 

@@ -108,7 +108,8 @@ class TextContext(nn.Module):
         device = backbone.token_embedding.weight.device
         self.register_buffer("init_vectors", vectors.to(device), persistent=False)
         shape = (0, self.n_ctx, self.width) if class_specific else (self.n_ctx, self.width)
-        self.ctx = nn.Parameter(vectors.to(device).clone() if not class_specific else vectors.new_empty(shape).to(device))
+        self.ctx = nn.Parameter(vectors.to(device).clone() if not class_specific
+                                else vectors.new_empty(shape).to(device))
         self.classnames: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ classes

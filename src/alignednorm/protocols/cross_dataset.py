@@ -32,7 +32,8 @@ def transfer_jobs(request: SweepRequest, protocol: str, source: str, targets: tu
         for seed in request.seeds:
             eval_root = request.run_dir(TRAIN_PROTOCOL, source, shots, seed) / "eval"
             steps = [EvalStep(source, str(eval_root / source), SOURCE_EVALUATIONS, overrides.get(source, {}), protocol)]
-            steps += [EvalStep(t, str(eval_root / t), TARGET_EVALUATIONS, overrides.get(t, {}), protocol) for t in targets]
+            steps += [EvalStep(t, str(eval_root / t), TARGET_EVALUATIONS, overrides.get(t, {}), protocol)
+                      for t in targets]
             jobs.append(request.job(protocol, source, shots, seed, "all", steps, config_protocol=TRAIN_PROTOCOL))
     return jobs
 

@@ -103,7 +103,8 @@ def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: s
         result, skipped = _evaluate_features(method, rule, *cached, data_cfg.eval_batch_size)
     result.update(num_classes=len(split.classnames), skipped_images=skipped)
     if skipped:
-        log.warning("%s/%s: skipped %d unreadable images: %s", dataset, rule, skipped, sorted(loader.dataset.skipped)[:5])
+        log.warning("%s/%s: skipped %d unreadable images: %s", dataset, rule, skipped,
+                    sorted(loader.dataset.skipped)[:5])
     return result
 
 

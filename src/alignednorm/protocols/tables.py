@@ -184,7 +184,8 @@ def base_to_new_table(recs: list[Record], label: str, shots: int, datasets: list
     avg_base, avg_new = mean_of([b for b, _ in complete]), mean_of([n for _, n in complete])
     averages = [avg_base, avg_new, _hm_cell(avg_base, avg_new)]
     table.rows.append((_average_label(len(complete), len(datasets)),
-                       [c for cell, key in zip(averages, ("base", "new", "hm")) for c in ref.cells(cell, "average", key)]))
+                       [c for cell, key in zip(averages, ("base", "new", "hm"))
+                        for c in ref.cells(cell, "average", key)]))
     table.notes.append("HM from the seed-averaged base and new accuracies; the average row's HM is the HM of the "
                        "average base and new (datasets with both measured).")
     table.notes += [n for n in [ref.note(label, table.rows)] if n]
@@ -251,7 +252,8 @@ def few_shot_tables(records: list[Record], suite: str | None = None, paper: dict
         table.rows.append(("Average" if complete else "Average (datasets present)",
                            [c for k in ks for c in ref.cells(mean_of(columns[k]), "average", k)]))
         if not complete:
-            table.notes.append("averages over " + ", ".join(f"K={k}: {n} of {len(datasets)}" for k, n in counts.items()))
+            table.notes.append("averages over "
+                               + ", ".join(f"K={k}: {n} of {len(datasets)}" for k, n in counts.items()))
         table.notes += [n for n in [ref.note(label, table.rows)] if n]
         tables.append(table)
     return tables
@@ -400,7 +402,8 @@ def _pan_method_tables(method: str, found: list[tuple[tuple[int, bool], Record]]
             shown = any(name.endswith("(paper)") for name, _ in table.rows)
             table.notes.append(f"paper: {published.reason}." if published.reason else
                                "paper: Nemesis Table 3 (CoOp + PAN, RN50, mean of 5 seeds)." if shown else
-                               f"paper: no published Table 3 numbers for {method} on {ds} (only nemesis on fgvc_aircraft).")
+                               f"paper: no published Table 3 numbers for {method} on {ds} "
+                               "(only nemesis on fgvc_aircraft).")
         tables.append(table)
     if len(datasets) > 1:
         table = Table(f"table_ablation_pan_{method}_average", f"PAN ablation (Nemesis Table 3): {method}, "
@@ -450,7 +453,8 @@ def base_to_new_matrix(tables: list[Table]) -> list[Table]:
     for shots, group in sorted(by_shots.items()):
         ours = [i for i, h in enumerate(group[0].header) if not h.endswith("(paper)") and not h.startswith("Δ")]
         matrix = Table(f"base2new_matrix_shots{shots}", f"Base-to-new, method × dataset ({shots} shots)",
-                       ["method", *group[0].header], row_header="dataset", meta={"protocol": "base2new", "shots": shots})
+                       ["method", *group[0].header], row_header="dataset",
+                       meta={"protocol": "base2new", "shots": shots})
         not_run = []
         for i, (name, _) in enumerate(group[0].rows):
             rows = [(t.rows[i][0], t.meta["label"], t.rows[i][1]) for t in group]
@@ -580,7 +584,8 @@ def _analysis_links(root: Path, records: list[Record], folder: Path, places: tup
     if pages:
         items = "".join(f'<li><a href="{escape(os.path.relpath(page, folder.resolve()), quote=True)}">'
                         f"{escape(str(page.parent.name))}</a>: "
-                        f"{escape(', '.join(str(r.relative_to(top)) for r in runs))}</li>" for page, runs in pages.items())
+                        f"{escape(', '.join(str(r.relative_to(top)) for r in runs))}</li>"
+                        for page, runs in pages.items())
         return f"<ul>{items}</ul>"
     runs = sorted({str(Path(r.path).parents[2]) for r in records if r.seed == min(x.seed for x in records)})[:4]
     command = f"alignednorm analyze {' '.join(runs)} --output {root / 'analysis'}"
