@@ -167,7 +167,7 @@ def test_datasets_check_judges_the_datasets_present_or_asked(tmp_path, monkeypat
 
 def test_list_options_take_commas_or_spaces_everywhere(tmp_path, monkeypatch):
     """``--datasets a b`` and ``--datasets a,b`` mean the same to run, demo and mini generate."""
-    from alignednorm.protocols.cli import GreedyListCommand, split_values
+    from alignednorm.cli.options import GreedyListCommand, split_values
 
     assert split_values(["a,b", "c"]) == split_values(["a b c"]) == ["a", "b", "c"]
     calls = {}

@@ -10,10 +10,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from alignednorm.backbone.tiny import make_tiny_clip, save_openai_state_dict
+from alignednorm.cli.runs import report_cmd, run_app
 from alignednorm.data.catalog import DatasetSpec, Suite, register_dataset, register_suite
 from alignednorm.errors import ConfigError
 from alignednorm.protocols import expand, list_protocols
-from alignednorm.protocols.cli import report_cmd, run_app
 from alignednorm.protocols.runner import SweepRequest, target_overrides, variant_name
 
 PAPER_11 = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",

@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from alignednorm.protocols.cli import report_cmd
+from alignednorm.cli.runs import report_cmd
 from alignednorm.protocols.tables import build_report
 from alignednorm.results import (
     Cell,

@@ -20,42 +20,12 @@ from pathlib import Path
 
 from alignednorm.errors import AlignedNormError
 
+from .executor import EXECUTORS, ExecutorOptions
 from .runner import Job, is_finished, load_backbone, run_job
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("alignednorm.progress")  # one line per job start and end (see engine.tracking)
 
-EXECUTORS = ("inline", "local", "slurm")
-
-
-@dataclass
-class ExecutorOptions:
-    """Where and how jobs run (the SLURM fields only matter for ``slurm``).
-
-    Attributes:
-        folder: submitit's folder for job pickles and logs (default ``<output>/.submitit``).
-        partition: SLURM partition.
-        gpus: GPUs per job (SLURM ``--gpus-per-node``).
-        cpus: CPU cores per job (SLURM ``--cpus-per-task``).
-        timeout_min: time limit per job in minutes (SLURM ``--time``; local processes are killed after it).
-        mem: memory per job, e.g. ``64G`` (SLURM ``--mem``).
-        array_parallelism: at most this many array tasks at once.
-        account: SLURM account; ``qos`` its quality of service.
-        slurm_args: extra ``sbatch`` options as ``key=value`` (e.g. ``constraint=a100``).
-        gpu_ids: GPUs the local executor may use; None means every visible one.
-    """
-
-    folder: str | None = None
-    partition: str | None = None
-    gpus: int = 1
-    cpus: int = 8
-    timeout_min: int = 24 * 60
-    mem: str | None = None
-    array_parallelism: int = 64
-    account: str | None = None
-    qos: str | None = None
-    slurm_args: tuple[str, ...] = ()
-    gpu_ids: tuple[int, ...] | None = None
 
 
 @dataclass

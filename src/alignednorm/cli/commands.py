@@ -1,4 +1,4 @@
-"""The ``alignednorm`` command: thin wrappers over library calls."""
+"""The ``alignednorm`` commands besides ``run`` and ``report`` (:mod:`.runs`): thin wrappers over library calls."""
 
 from __future__ import annotations
 
@@ -8,8 +8,21 @@ from typing import Annotated
 
 import typer
 
+from alignednorm.cli.options import (
+    Clip,
+    ClipModel,
+    ClipPretrained,
+    Config,
+    DataRoot,
+    GreedyListCommand,
+    Sets,
+    Tag,
+    interrupted_message,
+    setup_logging,
+    split_values,
+)
+from alignednorm.cli.runs import report_cmd, run_app
 from alignednorm.errors import AlignedNormError
-from alignednorm.protocols.cli import GreedyListCommand, report_cmd, run_app, setup_logging, split_values
 
 app = typer.Typer(help="Prompt learning for CLIP-like models: AlignedNorm, MMRL++, MMRL and baselines.\n\n"
                        "Start with `alignednorm demo` (the whole pipeline on the built-in mini benchmark, on CPU), "
@@ -38,19 +51,6 @@ def _options(version: Annotated[bool, typer.Option("--version", callback=_versio
                                                    help="Print the version and exit.")] = False) -> None:
     """Options of the command itself (the app's help is its Typer help text)."""
 
-DataRoot = Annotated[Path | None, typer.Option("--data-root", help="CoOp-layout data folder (default: $DATA_ROOT).")]
-Clip = Annotated[Path | None, typer.Option("--clip", help="CLIP checkpoint: OpenAI .pt, state dict, safetensors, open_clip; "
-                                                   "'mini' for the mini benchmark's tiny CLIP.")]
-ClipModel = Annotated[str | None, typer.Option("--clip-model", help="open_clip model name for open_clip checkpoints.")]
-ClipPretrained = Annotated[str | None, typer.Option(
-    "--clip-pretrained", help="open_clip pretrained tag (e.g. laion2b_s34b_b88k) or local-dir:FOLDER, read from the "
-                              "local cache (never downloaded); with --clip-model instead of --clip")]
-Sets = Annotated[list[str] | None, typer.Option("--set", help="Config override key=value, e.g. train.epochs=5.")]
-
-
-def _setup_logging(verbose: bool) -> None:
-    setup_logging(verbose)
-
 
 def main() -> None:
     """Console entry point: user errors print one clear line and exit with status 2."""
@@ -76,7 +76,6 @@ def list_datasets_cmd(suite: Annotated[str | None, typer.Option(help="only this 
     """Registered datasets with their folder and template."""
     from alignednorm.data import get_dataset, list_datasets
 
-    _register_extras()
     for name in list_datasets(suite):
         spec = get_dataset(name)
         typer.echo(f"{name:20s} {spec.folder:28s} {spec.template}")
@@ -141,7 +140,6 @@ def datasets_check(
 
     if data_root_arg is not None and data_root is not None and data_root_arg != data_root:
         raise AlignedNormError(f"two data folders given: {data_root_arg} and --data-root {data_root}; give one")
-    _register_extras()
     root = resolve_data_root(data_root_arg or data_root)  # registers the root's own datasets too
     asked = split_values(names) or None
     if asked is None:
@@ -158,28 +156,17 @@ def datasets_check(
         raise typer.Exit(1)  # so the check can gate a script
 
 
-def _register_extras() -> None:
-    """Register the built-in mini benchmark's datasets when it is installed."""
-    try:
-        import alignednorm.mini  # noqa: F401
-    except ImportError:
-        pass
-
-
 def _one_job(method: str, dataset: str, data_root: Path | None, clip: Path, clip_model: str | None, output: Path,
              protocol: str, shots: int, seed: int, train_subset: str, evaluations, config: Path | None, sets,
              tag: str | None, force: bool, verbose: bool, resume: bool = True, step_suffix: str = "") -> dict:
     """``train`` and ``eval`` are one-job cases of the protocol runner: same layout, files and reuse rule."""
     from alignednorm.predict import run_one
 
-    _setup_logging(verbose)
-    _register_extras()
+    setup_logging(verbose)
     try:
         run_dir, metrics = run_one(method, dataset, data_root, clip, clip_model, output, protocol, shots, seed,
                                    train_subset, evaluations, config, list(sets or ()), tag, force, resume, step_suffix)
     except KeyboardInterrupt:
-        from alignednorm.protocols.cli import interrupted_message
-
         typer.secho(interrupted_message(), err=True, fg="yellow")
         raise typer.Exit(130) from None
     if metrics["reused"]:
@@ -204,8 +191,6 @@ def _check_choice(value: str, choices, option: str) -> str:
     return value
 
 
-Tag = Annotated[str | None, typer.Option(help="name of this config variant (default: 'default', or a hash of "
-                                              "--set/--config)")]
 
 
 @app.command("eval")
@@ -215,7 +200,7 @@ def eval_cmd(
     data_root: DataRoot = None, clip: Clip = None, clip_model: ClipModel = None, clip_pretrained: ClipPretrained = None,
     subset: Annotated[str, typer.Option(help="all, base or new classes")] = "all",
     output: Annotated[Path, typer.Option(help="runs folder")] = Path("runs"),
-    config: Annotated[Path | None, typer.Option(help="YAML config to merge")] = None,
+    config: Config = None,
     sets: Sets = None, tag: Tag = None, force: bool = False, verbose: bool = False,
     skip_corrupt: Annotated[bool, typer.Option(help="skip unreadable images and count them")] = False,
 ) -> None:
@@ -229,7 +214,8 @@ def eval_cmd(
 
     if get_method_class(method).traits.learns:
         raise AlignedNormError(f"--method {method!r} learns a prompt; `eval` only evaluates methods that learn "
-                               "nothing (zeroshot). Train and evaluate it with `alignednorm train` or `alignednorm run`")
+                               "nothing (zeroshot). Train and evaluate it with `alignednorm train` or "
+                               "`alignednorm run`")
     _check_choice(subset, ("all", "base", "new"), "--subset")
     sets = [*(sets or []), *(["data.skip_corrupt=true"] if skip_corrupt else [])]
     rule = {"all": "any", "base": "seen", "new": "unseen"}[subset]
@@ -249,7 +235,7 @@ def train_cmd(
     shots: int = 16, seed: int = 1,
     subset: Annotated[str, typer.Option(help="classes to train on: base or all")] = "base",
     output: Annotated[Path, typer.Option(help="runs folder")] = Path("runs"),
-    config: Annotated[Path | None, typer.Option(help="YAML config to merge")] = None,
+    config: Config = None,
     sets: Sets = None, tag: Tag = None, force: bool = False, verbose: bool = False,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run from its checkpoint")] = True,
     skip_corrupt: Annotated[bool, typer.Option(help="skip unreadable images and count them")] = False,
@@ -310,13 +296,11 @@ def demo_cmd(
     """Base-to-new on the built-in mini benchmark with the shipped tiny CLIP (CPU, minutes)."""
     from alignednorm.demo import DEMO_METHODS, run_demo
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         run_demo(output, _generated_root(data_root), tuple(split_values(methods)) or DEMO_METHODS, seed,
                  tuple(split_values(datasets)) or None, force, echo=typer.echo, sets=tuple(sets or ()))
     except KeyboardInterrupt:
-        from alignednorm.protocols.cli import interrupted_message
-
         typer.secho(interrupted_message(), err=True, fg="yellow")
         raise typer.Exit(130) from None
 
@@ -354,8 +338,7 @@ def analyze_cmd(
     prompt norms) for trained runs, with their numbers and one self-contained HTML page."""
     from alignednorm.analyze import AnalysisOptions, analyze_runs
 
-    _setup_logging(verbose)
-    _register_extras()
+    setup_logging(verbose)
     clip = clip or _exported_backbone(run_dirs)
     options = AnalysisOptions(data_root=str(data_root) if data_root else None, clip=str(clip) if clip else None,
                               max_images=max_images, zeroshot=zeroshot, tsne=tsne, seed=seed, device=device)
@@ -384,7 +367,6 @@ def corrupt_cmd(
     position and the Low-Norm Effect frequency, in the paper's table shape (Tables A2/A3, Fig. 1b)."""
     from alignednorm.analyze import AnalysisOptions, corruption_runs
 
-    _register_extras()
     clip = clip or _exported_backbone(run_dirs)
     options = AnalysisOptions(data_root=str(data_root) if data_root else None, clip=str(clip) if clip else None,
                               max_images=max_images, seed=seed)

@@ -1,22 +1,40 @@
 """``alignednorm run <protocol>`` (one command per paper table) and ``alignednorm report``.
 
-Registered in :mod:`alignednorm.cli` with ``app.add_typer(run_app, name="run")`` and
-``app.command("report")(report_cmd)``. The list options ``--seeds``, ``--shots`` and ``--datasets``
-take several values in any of the forms ``--seeds 1 2 3``, ``--seeds 1,2,3`` or ``--seeds 1 --seeds 2``.
+Registered in :mod:`alignednorm.cli.commands` with ``app.add_typer(run_app, name="run")`` and
+``app.command("report")(report_cmd)``. The executor's options (``--partition``, ``--gpus``, ...) are
+the fields of :class:`alignednorm.protocols.sweep.ExecutorOptions`, declared there once.
 """
 
 from __future__ import annotations
 
-import logging
-import re
-import sys
+import dataclasses
+import inspect
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer.core import TyperCommand
 
-from alignednorm.errors import ConfigError
+from alignednorm.cli.options import (
+    Clip,
+    ClipModel,
+    ClipPretrained,
+    Config,
+    DataRoot,
+    Datasets,
+    Executor,
+    GreedyListCommand,
+    Method,
+    Output,
+    Seeds,
+    Sets,
+    Shots,
+    SuiteName,
+    Tag,
+    interrupted_message,
+    ints,
+    setup_logging,
+    split_values,
+)
 
 run_app = typer.Typer(help="Run a paper protocol as a sweep of runs: one command per table.", no_args_is_help=True)
 
@@ -27,101 +45,32 @@ DOCS = {
     "fewshot": "Few-shot (Tables 4/11): train on K shots of all classes, evaluate on the full test set.",
 }
 
-Method = Annotated[str, typer.Option(help="method name (see `alignednorm list methods`)")]
-Datasets = Annotated[list[str] | None, typer.Option(
-    "--datasets", help="datasets trained on (base2new, fewshot) or targets (crossdataset, domaingen); "
-                       "default: the suite's")]
-SuiteName = Annotated[str, typer.Option(help="benchmark suite naming the datasets: paper or mini")]
-Seeds = Annotated[list[str] | None, typer.Option(help="training seeds, e.g. --seeds 1 2 3 (the default)")]
-Shots = Annotated[list[str] | None, typer.Option(help="K shots per class (default 16; fewshot: 1,2,4,8,16)")]
-DataRoot = Annotated[Path | None, typer.Option("--data-root", help="CoOp-layout data folder (default: $DATA_ROOT).")]
-Clip = Annotated[Path | None, typer.Option("--clip", help="CLIP checkpoint file, or 'mini' for the mini benchmark's.")]
-ClipPretrained = Annotated[str | None, typer.Option(
-    "--clip-pretrained", help="open_clip pretrained tag or local-dir:FOLDER (local cache only), with --clip-model")]
-ClipModel = Annotated[str | None, typer.Option("--clip-model", help="open_clip model name for open_clip checkpoints.")]
-Output = Annotated[Path, typer.Option(help="runs folder")]
-Sets = Annotated[list[str] | None, typer.Option("--set", help="config override key=value, e.g. train.epochs=5")]
-Config = Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="YAML config merged over the presets")]
-Tag = Annotated[str | None, typer.Option(
-    help="name of this config variant (run folder level; default: 'default', or a hash of --set/--config)")]
-Executor = Annotated[str, typer.Option(help="inline (this process), local (a process per job, one per GPU) or slurm")]
+
+def _executor_parameters() -> list[inspect.Parameter]:
+    """``--partition``, ``--gpus``, ...: one option per field of ``ExecutorOptions`` that declares one."""
+    import typing
+
+    from alignednorm.protocols.executor import ExecutorOptions
+
+    hints, params = typing.get_type_hints(ExecutorOptions), []
+    for f in dataclasses.fields(ExecutorOptions):
+        if "cli" not in f.metadata:
+            continue
+        repeated = typing.get_origin(hints[f.name]) is tuple
+        kind = list[str] | None if repeated else hints[f.name]
+        option = typer.Option(f.metadata["cli"], help=f.metadata["help"])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None if repeated else f.default,
+                                        annotation=Annotated[kind, option]))
+    return params
 
 
-class GreedyListCommand(TyperCommand):
-    """Reads ``--seeds 1 2 3`` as ``--seeds 1 --seeds 2 --seeds 3`` (click options take one value each)."""
+def _executor_options(values: dict):
+    """The executor options the command line gave (repeated options as tuples)."""
+    from alignednorm.protocols.executor import ExecutorOptions
 
-    greedy = ("--seeds", "--shots", "--datasets")
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        out, current = [], None
-        for arg in args:
-            if arg.startswith("-"):
-                current = arg if arg in self.greedy else None
-            elif current is not None and out[-1] != current:
-                out.append(current)  # a further value of the last list option
-            out.append(arg)
-        return super().parse_args(ctx, out)
-
-
-def split_values(values: list[str] | None) -> list[str]:
-    """Repeated and comma- or space-separated values, in order, without duplicates."""
-    return list(dict.fromkeys(v for item in values or [] for v in re.split(r"[,\s]+", item.strip()) if v))
-
-
-def _ints(values: list[str] | None, option: str) -> tuple[int, ...] | None:
-    try:
-        parsed = tuple(dict.fromkeys(int(v) for v in split_values(values)))
-    except ValueError:
-        raise ConfigError(f"{option} {' '.join(values or [])!r}: expected integers, e.g. {option} 1,2,3") from None
-    return parsed or None
-
-
-class _ProgressHandler(logging.StreamHandler):
-    """Plain lines on the current ``sys.stderr`` (a test runner may replace it between commands)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the current stderr is always used
-        pass
-
-
-def setup_logging(verbose: bool) -> None:
-    """Warnings (everything with ``--verbose``), and the progress lines where no progress bar shows.
-
-    Progress bars need a terminal: when stderr is a log file, a pipe or CI, the ``alignednorm.progress``
-    lines (each job's start and end with its accuracies, each epoch's loss and validation accuracy)
-    are printed instead, on stderr, so stdout keeps only the results.
-    """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    progress = logging.getLogger("alignednorm.progress")
-    for handler in [h for h in progress.handlers if isinstance(h, _ProgressHandler)]:
-        progress.removeHandler(handler)
-    lines = not verbose and not sys.stderr.isatty()  # --verbose logs them with everything else
-    if lines:
-        handler = _ProgressHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        progress.addHandler(handler)
-    progress.setLevel(logging.INFO if lines else logging.NOTSET)
-    progress.propagate = not lines  # never twice
-
-
-def interrupted_message() -> str:
-    """What Ctrl-C prints: the same command resumes (finished runs are reused, an interrupted one continues)."""
-    from alignednorm.engine.run import format_command
-
-    return ("interrupted; run the same command again to resume (finished runs are reused, the interrupted run "
-            f"continues from its last finished epoch): {format_command(['alignednorm', *sys.argv[1:]])}")
-
-
-def _register_extras() -> None:
-    try:
-        import alignednorm.mini  # noqa: F401  (registers the mini benchmark's datasets and suite)
-    except ImportError:
-        pass
+    fields = {f.name: f for f in dataclasses.fields(ExecutorOptions) if "cli" in f.metadata}
+    return ExecutorOptions(**{name: tuple(values[name] or ()) if isinstance(fields[name].default, tuple)
+                              else values[name] for name in fields})
 
 
 def _make_run_command(protocol: str):
@@ -135,32 +84,22 @@ def _make_run_command(protocol: str):
         resume: Annotated[bool, typer.Option(help="continue interrupted runs from their checkpoints")] = True,
         executor: Executor = "inline",
         dry_run: Annotated[bool, typer.Option(help="list the jobs and exit")] = False,
-        partition: Annotated[str | None, typer.Option(help="SLURM partition")] = None,
-        gpus: Annotated[int, typer.Option(help="GPUs per SLURM job")] = 1,
-        cpus: Annotated[int, typer.Option(help="CPU cores per SLURM job")] = 8,
-        time: Annotated[int, typer.Option(help="time limit per job, minutes (slurm, local)")] = 24 * 60,
-        mem: Annotated[str | None, typer.Option(help="memory per SLURM job, e.g. 64G")] = None,
-        array_parallelism: Annotated[int, typer.Option(help="SLURM array tasks running at once")] = 64,
-        account: Annotated[str | None, typer.Option(help="SLURM account")] = None,
-        qos: Annotated[str | None, typer.Option(help="SLURM quality of service")] = None,
-        slurm_arg: Annotated[list[str] | None, typer.Option(help="extra sbatch option key=value")] = None,
         verbose: bool = False,
+        **executor_fields,
     ) -> None:
         from alignednorm.clip_names import backbone_source
         from alignednorm.data import resolve_data_root
         from alignednorm.engine.run import format_command
-
-        from . import expand
-        from .runner import SweepRequest, is_finished
-        from .sweep import ExecutorOptions, run_sweep
+        from alignednorm.protocols import expand
+        from alignednorm.protocols.runner import SweepRequest, is_finished
+        from alignednorm.protocols.sweep import run_sweep
 
         setup_logging(verbose)
-        _register_extras()
         clip_file, clip_model = backbone_source(clip, clip_model, clip_pretrained)
         request = SweepRequest(
             method=method, data_root=resolve_data_root(data_root), clip=str(clip_file),
             output=str(output.resolve()), suite=suite, datasets=tuple(split_values(datasets)) or None,
-            seeds=_ints(seeds, "--seeds") or (1, 2, 3), shots=_ints(shots, "--shots"), clip_model=clip_model,
+            seeds=ints(seeds, "--seeds") or (1, 2, 3), shots=ints(shots, "--shots"), clip_model=clip_model,
             config_file=str(config.resolve()) if config else None, sets=tuple(sets or ()), tag=tag, device=device,
             progress=executor == "inline")
         jobs = expand(protocol, request)
@@ -171,9 +110,7 @@ def _make_run_command(protocol: str):
             for job in jobs:
                 typer.echo(f"{job.name}: evaluates {', '.join(step.target for step in job.evals)}")
             return
-        options = ExecutorOptions(partition=partition, gpus=gpus, cpus=cpus, timeout_min=time, mem=mem,
-                                  array_parallelism=array_parallelism, account=account, qos=qos,
-                                  slurm_args=tuple(slurm_arg or ()))
+        options = _executor_options(executor_fields)
         reused = set() if force else {job.name for job in jobs if is_finished(job)}
         try:
             outcome = run_sweep(jobs, executor, force=force, options=options, output=request.output)
@@ -184,6 +121,10 @@ def _make_run_command(protocol: str):
 
     command.__doc__ = DOCS[protocol]
     command.__name__ = f"run_{protocol}"
+    # The declared options, then the executor's (from its dataclass) in place of **executor_fields.
+    declared = inspect.signature(command, eval_str=True).parameters.values()
+    command.__signature__ = inspect.Signature([p for p in declared if p.kind is not p.VAR_KEYWORD]
+                                              + _executor_parameters())
     return command
 
 
@@ -206,9 +147,8 @@ def _summarise(protocol: str, output: Path, outcome, jobs: list, reused: set[str
         typer.echo(f"submitted {len(outcome.submitted)} jobs to SLURM ({ids[0]} … {ids[-1]}); "
                    f"when they finish: alignednorm report {output}")
         return
+    from alignednorm.protocols.tables import build_tables
     from alignednorm.results import collect, render_all
-
-    from .tables import build_tables
 
     prefix = {"base2new": "table1", "crossdataset": "table2", "domaingen": "table3", "fewshot": "table4"}[protocol]
     ours = {Path(step.run_dir).resolve() for job in jobs for step in job.evals}
@@ -245,19 +185,17 @@ def report_cmd(
                         ] = None,
 ) -> None:
     """Build the paper's tables from the runs' metrics.json files (mean ± std over seeds), and report.html."""
+    from alignednorm.protocols.tables import build_tables, write_results_page
     from alignednorm.results import FORMATS, collect, render_all, write_report
-
-    from .tables import build_tables, write_results_page
 
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r}; expected one of {', '.join(FORMATS)}", param_hint="--format")
     if compare not in (None, "paper"):
         raise typer.BadParameter(f"{compare!r}; the only published numbers shipped are 'paper'", param_hint="--compare")
-    _register_extras()
     records = collect(output_dir)
     tables = build_tables(records, suite=suite, compare=compare)
     if cost:
-        from .cost import cost_table
+        from alignednorm.protocols.cost import cost_table
 
         table = cost_table(output_dir)
         tables += [table] if table is not None else []
