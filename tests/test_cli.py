@@ -187,3 +187,23 @@ print(codes, heavy)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[0, 0, 0, 0, 2] []"
     assert "alignednorm " in _invoke("--version")
+
+
+def test_list_methods_reads_the_registry_without_torch():
+    """`list methods` reads names and notes from the methods' source: the same as the registry, no torch."""
+    import subprocess
+    import sys
+
+    from alignednorm.cli.method_names import method_notes
+    from alignednorm.methods import get_method_class, list_methods
+
+    assert method_notes() == {name: get_method_class(name).traits.note for name in list_methods()}
+    code = """
+import sys
+from typer.testing import CliRunner
+from alignednorm.cli import app
+out = CliRunner().invoke(app, ["list", "methods"]).output
+print(len(out.splitlines()), sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"{len(list_methods())} []"

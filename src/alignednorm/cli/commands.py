@@ -64,10 +64,9 @@ def main() -> None:
 @list_app.command("methods")
 def list_methods_cmd() -> None:
     """Registered methods (with their note, e.g. an unofficial reconstruction)."""
-    from alignednorm.methods import get_method_class, list_methods
+    from alignednorm.cli.method_names import method_notes  # no torch: read from the methods' source
 
-    for name in list_methods():
-        note = get_method_class(name).traits.note
+    for name, note in method_notes().items():
         typer.echo(f"{name}  ({note})" if note else name)
 
 
