@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import sys
@@ -120,6 +121,48 @@ def fixture_threads(manifest: dict, threads: int | None = None):
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def official_name_map(method: str, official_names: list[str]) -> dict[str, str]:
+    """Our parameter name -> official name, through the importer (so names that need all others, e.g.
+    HiCroPL's visual proxies numbered by layer, come out as the importer gives them)."""
+    from alignednorm.compat.official import convert_official_state
+
+    index = convert_official_state({n: torch.tensor(i) for i, n in enumerate(official_names)}, method)
+    return {ours: official_names[int(i)] for ours, i in index.items()}
+
+
+@dataclasses.dataclass
+class FixtureStart:
+    """A method built on a fixture's tiny CLIP with what the official code started from.
+
+    Attributes:
+        method: our method (its backbone runs all 77 text positions, as the official text towers do).
+        start: the official start values under our names; ``source`` the file they come from.
+        names: our parameter name -> official name.
+        inputs: the fixture's input batch (``images``, ``labels``, token ids).
+    """
+
+    method: object
+    start: dict[str, torch.Tensor]
+    names: dict[str, str]
+    inputs: dict[str, torch.Tensor]
+    source: str
+
+
+def fixture_start(fixture: Path, name: str, config: dict) -> FixtureStart:
+    """Build ``name`` with ``config`` on ``fixture``'s CLIP and read its official start values and inputs."""
+    from safetensors.torch import load_file
+
+    from alignednorm.backbone.clip import ClipBackbone
+    from alignednorm.compat.official import convert_official_state
+    from alignednorm.methods import create_method
+
+    backbone = ClipBackbone.from_file(fixture / "clip_tiny.safetensors", cut_text_padding=False)
+    source = str(fixture / "learnable.safetensors")
+    official = load_file(source)
+    return FixtureStart(create_method(name, backbone, config), convert_official_state(official, name),
+                        official_name_map(name, list(official)), load_file(str(fixture / "inputs.safetensors")), source)
 
 
 def manifest_sgd(params, step: dict) -> torch.optim.SGD:

@@ -17,19 +17,17 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
-from alignednorm.compat.official import convert_official_state
 from alignednorm.compat.parity import (
     build_report,
     compare,
+    fixture_start,
     fixture_threads,
     manifest_sgd,
     read_manifest,
     tolerances,
 )
 from alignednorm.compat.parity_deep import reference_extras
-from alignednorm.methods import create_method
 
 # Official config section -> our method.
 SECTIONS = {"TRAINER.COOP": "coop", "TRAINER.CoOp": "coop", "TRAINER.COCOOP": "cocoop"}
@@ -48,11 +46,6 @@ def method_from_manifest(manifest: dict) -> tuple[str, dict]:
                               class_token_position=official.get("CLASS_TOKEN_POSITION", "end"))
             return name, config
     raise ValueError(f"manifest config has none of the sections {sorted(SECTIONS)}")
-
-
-def _official_names(method: str, official: list[str]) -> dict[str, str]:
-    """Our parameter name -> official name, for the official names of the fixture's learnable file."""
-    return {next(iter(convert_official_state({o: torch.empty(0)}, method))): o for o in official}
 
 
 def _per_image_text(method, f: torch.Tensor, trace: Trace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,19 +128,13 @@ def _train(method, manifest: dict, images, labels, start: dict, names: dict[str,
 
 def compute_outputs(fixture: Path, manifest: dict) -> dict[str, torch.Tensor]:
     """Every tensor a CoOp / CoCoOp fixture holds, computed by our implementation."""
-    name, config = method_from_manifest(manifest)
-    # the fixtures record all 77 text positions
-    backbone = ClipBackbone.from_file(fixture / "clip_tiny.safetensors", cut_text_padding=False)
-    method = create_method(name, backbone, config)
-    official = load_file(str(fixture / "learnable.safetensors"))
-    start = convert_official_state(official, name)
-    names = _official_names(name, list(official))
-    inputs = load_file(str(fixture / "inputs.safetensors"))
+    s = fixture_start(fixture, *method_from_manifest(manifest))
+    method, start, names, inputs = s.method, s.start, s.names, s.inputs
     ours: dict[str, torch.Tensor] = {}
     recorded = manifest["tensors"]["outputs.safetensors"]
     for half in [h for h in ("base", "new") if f"eval_{h}.logits" in recorded]:
         method.set_classnames(manifest[f"class_names_{half}"])
-        method.load_learnable_state_dict(start, source=str(fixture / "learnable.safetensors"))
+        method.load_learnable_state_dict(start, source=s.source)
         ours.update(_evaluate(method, inputs["images"], manifest[f"class_names_{half}"], half))
     ours.update(_train(method, manifest, inputs["images"], inputs["labels"], start, names))
     return ours

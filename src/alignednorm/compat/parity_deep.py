@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
-from alignednorm.compat.official import convert_official_state
 from alignednorm.compat.parity import (
     build_report,
     compare,
+    fixture_start,
     fixture_threads,
     manifest_sgd,
     read_manifest,
@@ -36,7 +35,7 @@ from alignednorm.compat.rounded_copies import (
     per_copy_gradients,
 )
 from alignednorm.losses.self_regularization import template_mean_text_features
-from alignednorm.methods import StepState, create_method
+from alignednorm.methods import StepState
 from alignednorm.prompts.deep import expand_tokens
 from alignednorm.prompts.label_space import LabelSpace
 
@@ -74,11 +73,6 @@ def method_from_manifest(manifest: dict) -> tuple[str, dict]:
 def _space(manifest: dict, half: str) -> LabelSpace:
     templates = manifest.get("teacher_templates") or [manifest["template"]]
     return LabelSpace(tuple(manifest[f"class_names_{half}"]), tuple(templates))
-
-
-def _names(method, official_names: list[str]) -> dict[str, str]:
-    """Our parameter name -> official name, for the official names of the fixture's learnable file."""
-    return {next(iter(convert_official_state({o: torch.empty(0)}, method.name))): o for o in official_names}
 
 
 def _text_records(method, trace: Trace, n_ctx: int) -> dict:
@@ -209,18 +203,12 @@ def _train(method, manifest, images, labels, start, names) -> dict:
 
 def compute_outputs(fixture: Path, manifest: dict) -> dict[str, torch.Tensor]:
     """Every tensor a MaPLe / PromptSRC fixture holds, computed by our implementation."""
-    name, config = method_from_manifest(manifest)
-    # the official text tower runs all context positions
-    backbone = ClipBackbone.from_file(fixture / "clip_tiny.safetensors", cut_text_padding=False)
-    method = create_method(name, backbone, config)
-    official = load_file(str(fixture / "learnable.safetensors"))
-    start = convert_official_state(official, name)
-    names = _names(method, list(official))
-    inputs = load_file(str(fixture / "inputs.safetensors"))
+    s = fixture_start(fixture, *method_from_manifest(manifest))
+    method, start, names, inputs = s.method, s.start, s.names, s.inputs
     images, labels = inputs["images"], inputs["labels"]
     ours: dict[str, torch.Tensor] = {}
     for half in ("base", "new"):
-        method.load_learnable_state_dict(start, source=str(fixture / "learnable.safetensors"))
+        method.load_learnable_state_dict(start, source=s.source)
         ours.update(_evaluate(method, manifest, images, half))
     if "teacher_tokens" in inputs:
         space = _space(manifest, "base")

@@ -35,7 +35,14 @@ from safetensors.torch import load_file
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.compat.official import convert_official_state
-from alignednorm.compat.parity import build_report, compare, fixture_threads, read_manifest, tolerances
+from alignednorm.compat.parity import (
+    build_report,
+    compare,
+    fixture_threads,
+    official_name_map,
+    read_manifest,
+    tolerances,
+)
 from alignednorm.compat.rounded_copies import compare_rounded_copies, per_copy_gradients
 from alignednorm.methods import create_method
 from alignednorm.prompts.label_space import LabelSpace
@@ -215,12 +222,6 @@ def _train(method, manifest, images, labels, start, names, reference) -> tuple[d
     return rec, checks, {names[n]: torch.cat(g) for n, g in copies.items()}
 
 
-def _names(official_names: list[str]) -> dict[str, str]:
-    """Our parameter name -> official name (through the importer, so the proxies get their layers)."""
-    index = convert_official_state({n: torch.tensor(i) for i, n in enumerate(official_names)}, "hicropl")
-    return {ours: official_names[int(i)] for ours, i in index.items()}
-
-
 def _description_tokens(method, manifest) -> torch.Tensor:
     names = manifest["class_names_base"] + manifest["class_names_new"]
     return torch.cat([method.backbone.tokenize(list(manifest["descriptions"][n])) for n in names])
@@ -234,7 +235,7 @@ def compute_outputs(fixture: Path, manifest: dict) -> tuple[dict[str, torch.Tens
     method = create_method(name, backbone, config)
     official = load_file(str(fixture / "learnable.safetensors"))
     start = convert_official_state(official, name)
-    names = _names(list(official))
+    names = official_name_map("hicropl", list(official))
     inputs = load_file(str(fixture / "inputs.safetensors"))
     images, labels = inputs["images"], inputs["labels"]
     ours: dict[str, torch.Tensor] = {"tokens.descriptions": _description_tokens(method, manifest)}

@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
-from alignednorm.compat.official import convert_official_state
-from alignednorm.compat.parity import build_report, compare, fixture_threads, read_manifest, tolerances
+from alignednorm.compat.parity import build_report, compare, fixture_start, fixture_threads, read_manifest, tolerances
 from alignednorm.losses.nemesis import OFFICIAL_NORMS, logged_position_norms, matrix_norm, pan_weights
-from alignednorm.methods import StepState, create_method
+from alignednorm.methods import StepState
 
 # Official config section -> our method.
 SECTIONS = {"TRAINER.CoOpNemesis": "nemesis", "TRAINER.CoOp": "coop", "TRAINER.COOP": "coop"}
@@ -164,16 +162,10 @@ def _positions(fixture: Path, manifest: dict) -> list[int] | None:
 
 def compute_outputs(fixture: Path, manifest: dict) -> dict[str, torch.Tensor]:
     """Every tensor a CoOp / Nemesis fixture holds, computed by our implementation."""
-    name, config = method_from_manifest(manifest)
-    # the fixtures record all 77 text positions
-    backbone = ClipBackbone.from_file(fixture / "clip_tiny.safetensors", cut_text_padding=False)
-    method = create_method(name, backbone, config)
-    official = load_file(str(fixture / "learnable.safetensors"))
-    start = convert_official_state(official, name)
-    names = {next(iter(convert_official_state({o: torch.empty(0)}, name))): o for o in official}
-    inputs = load_file(str(fixture / "inputs.safetensors"))
-    images, labels = inputs["images"], inputs["labels"]
-    method.load_learnable_state_dict(start, source=str(fixture / "learnable.safetensors"))
+    s = fixture_start(fixture, *method_from_manifest(manifest))
+    method, start, names = s.method, s.start, s.names
+    images, labels = s.inputs["images"], s.inputs["labels"]
+    method.load_learnable_state_dict(start, source=s.source)
     method.set_classnames(manifest["class_names"])
     ours = {"tokens.base": method.context.token_ids}
     ours.update(_evaluate(method, images, start, "eval.output"))
@@ -196,25 +188,33 @@ def _compare_step(key: str, ours: torch.Tensor, ref: torch.Tensor, initial: torc
     return result
 
 
+def compare_fixture(fixture: Path, manifest: dict, ours: dict[str, torch.Tensor], compare_other=compare) -> dict:
+    """Every tensor of a fixture in this format (one class list, one SGD step) against ``ours``.
+
+    ``after_step.*`` is compared as the step (:func:`_compare_step`) and as the value; every other
+    tensor by ``compare_other(key, ours, ref, tol)``.
+    """
+    reference = load_file(str(fixture / "outputs.safetensors"))
+    start = load_file(str(fixture / "learnable.safetensors"))
+    reference["tokens.base"] = load_file(str(fixture / "inputs.safetensors"))["tokenized_prompts"]
+    tol = tolerances(manifest)
+    results = {}
+    for key, ref in sorted(reference.items()):
+        if key not in ours:
+            results[key] = {"ok": False, "error": "not computed"}
+        elif key.startswith("after_step."):
+            initial = start[key.removeprefix("after_step.")]
+            results[key] = _compare_step(key, ours[key], ref, initial, tol)
+            results[key.replace("after_step.", "after_step_value.", 1)] = compare(key, ours[key], ref, tol)
+        else:
+            results[key] = compare_other(key, ours[key], ref, tol)
+    return results
+
+
 def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
     """Compare our CoOp / Nemesis with a fixture; the report's ``ok`` is True iff all tensors fit."""
     fixture, manifest = read_manifest(fixture_dir)
     with fixture_threads(manifest, threads):
         name, config = method_from_manifest(manifest)
-        ours = compute_outputs(fixture, manifest)
-        reference = load_file(str(fixture / "outputs.safetensors"))
-        inputs = load_file(str(fixture / "inputs.safetensors"))
-        start = load_file(str(fixture / "learnable.safetensors"))
-        reference["tokens.base"] = inputs["tokenized_prompts"]
-        tol = tolerances(manifest)
-        results = {}
-        for key, ref in sorted(reference.items()):
-            if key not in ours:
-                results[key] = {"ok": False, "error": "not computed"}
-            elif key.startswith("after_step."):
-                initial = start[key.removeprefix("after_step.")]
-                results[key] = _compare_step(key, ours[key], ref, initial, tol)
-                results[key.replace("after_step.", "after_step_value.", 1)] = compare(key, ours[key], ref, tol)
-            else:
-                results[key] = compare(key, ours[key], ref, tol)
+        results = compare_fixture(fixture, manifest, compute_outputs(fixture, manifest))
         return build_report(fixture, name, config, results)

@@ -19,15 +19,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.backbone.hooks import Trace, Traces
-from alignednorm.compat.official import convert_official_state
-from alignednorm.compat.parity import build_report, compare, fixture_threads, read_manifest, tolerances
-from alignednorm.compat.parity_nemesis import _compare_step, _coop_config, _nemesis_config, _positions, _start
+from alignednorm.compat.parity import build_report, compare, fixture_start, fixture_threads, read_manifest
+from alignednorm.compat.parity_nemesis import _coop_config, _nemesis_config, _positions, _start, compare_fixture
 from alignednorm.losses.nemesis import logged_position_norms, matrix_norm, pan_weights
-from alignednorm.methods import create_method
 
 # Official config section -> our method.
 SECTIONS = {"TRAINER.PLOTNemesis": "plot_nemesis", "TRAINER.PLOT": "plot"}
@@ -157,17 +153,11 @@ def _train(method, manifest, images, labels, start: dict, names: dict, positions
 
 def compute_outputs(fixture: Path, manifest: dict) -> dict[str, torch.Tensor]:
     """Every tensor a PLOT / PLOT + Nemesis fixture holds, computed by our implementation."""
-    name, config = method_from_manifest(manifest)
-    # the fixtures record all 77 text positions
-    backbone = ClipBackbone.from_file(fixture / "clip_tiny.safetensors", cut_text_padding=False)
-    method = create_method(name, backbone, config)
-    official = load_file(str(fixture / "learnable.safetensors"))
-    start = convert_official_state(official, name)
-    names = {next(iter(convert_official_state({o: torch.empty(0)}, name))): o for o in official}
-    inputs = load_file(str(fixture / "inputs.safetensors"))
-    images, labels = inputs["images"], inputs["labels"]
+    s = fixture_start(fixture, *method_from_manifest(manifest))
+    method, start, names = s.method, s.start, s.names
+    images, labels = s.inputs["images"], s.inputs["labels"]
     method.set_classnames(manifest["class_names"])
-    method.load_learnable_state_dict(start, source=str(fixture / "learnable.safetensors"))
+    method.load_learnable_state_dict(start, source=s.source)
     ours = {"tokens.base": method.context()[1]}
     ours.update(_evaluate(method, images, "eval"))
     ours.update(_train(method, manifest, images, labels, start, names, _positions(fixture, manifest)))
@@ -179,26 +169,15 @@ def run_parity(fixture_dir: str | Path, threads: int | None = None) -> dict:
     fixture, manifest = read_manifest(fixture_dir)
     with fixture_threads(manifest, threads):
         name, config = method_from_manifest(manifest)
-        ours = compute_outputs(fixture, manifest)
-        reference = load_file(str(fixture / "outputs.safetensors"))
-        inputs = load_file(str(fixture / "inputs.safetensors"))
-        start = load_file(str(fixture / "learnable.safetensors"))
-        reference["tokens.base"] = inputs["tokenized_prompts"]
-        tol = tolerances(manifest)
-        results = {}
-        for key, ref in sorted(reference.items()):
-            if key not in ours:
-                results[key] = {"ok": False, "error": "not computed"}
-            elif key.startswith("after_step."):
-                initial = start[key.removeprefix("after_step.")]
-                results[key] = _compare_step(key, ours[key], ref, initial, tol)
-                results[key.replace("after_step.", "after_step_value.", 1)] = compare(key, ours[key], ref, tol)
-            elif key in SELF_RELATIVE:
-                scale = float(ref.abs().max()) if ref.numel() else 0.0
-                results[key] = compare(key, ours[key], ref, {**tol, "hidden": SELF_RELATIVE[key] * scale})
-            elif key in RELATIVE:
-                scale = float(ref.abs().max()) if ref.numel() else 0.0
-                results[key] = compare(key, ours[key], ref, {**tol, "hidden": tol["hidden"] * max(scale, 1e-30)})
-            else:
-                results[key] = compare(key, ours[key], ref, tol)
+        results = compare_fixture(fixture, manifest, compute_outputs(fixture, manifest), _compare_ot)
         return build_report(fixture, name, config, results)
+
+
+def _compare_ot(key: str, ours: torch.Tensor, ref: torch.Tensor, tol: dict) -> dict:
+    """The OT tensors whose size spans decades relative to their largest entry; the rest as usual."""
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    if key in SELF_RELATIVE:
+        return compare(key, ours, ref, {**tol, "hidden": SELF_RELATIVE[key] * scale})
+    if key in RELATIVE:
+        return compare(key, ours, ref, {**tol, "hidden": tol["hidden"] * max(scale, 1e-30)})
+    return compare(key, ours, ref, tol)
