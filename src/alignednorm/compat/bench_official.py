@@ -15,6 +15,16 @@ downloaded); on the CPU the frozen CLIP's class text features are computed where
 official helper calls ``.cuda()``); and where Dassl's warm-up LR scheduler fails on a recent torch, a plain
 cosine one stands in (it is stepped only after an epoch, never in a timed step). Only our own parts are tested
 (tests/test_bench_official.py).
+
+``--alternate`` times the training step only, official and ours in ONE process, in turns (the robust way
+to compare on a shared machine: every side sees the same load). Ours runs on the same CLIP (rounded to
+float16 values, as the official ``build_model`` casts it), images, labels and learnable start values (the
+official ones, loaded through our importer), in two scopes, printed apart: the bare method step
+(``training_step`` with its frozen-teacher pass, backward, optimiser step: what the official
+``forward_backward`` does) and the full trainer step (``Trainer.fit`` over one batch: autocast context,
+finite loss and gradient checks, scaler, logging, loader and epoch hooks). Round ``r`` starts with the
+``r``-th side, so over three rounds each side takes every place once. Wall and process CPU seconds are
+read on the same steps; the load average is recorded around every class count.
 """
 
 from __future__ import annotations
@@ -26,10 +36,12 @@ import hashlib
 import importlib
 import io
 import json
+import os
 import resource
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -320,7 +332,194 @@ def format_official(report: dict) -> str:
                       f"official code: {report['official']['repo']} (sha256 {report['official']['sha256']})"])
 
 
-def main(argv: list[str] | None = None) -> int:
+# The sides --alternate times, in this order in round 0, and what each one's seconds cover.
+SIDES = ("official", "ours-step", "ours-trainer")
+SCOPES = {
+    "official": "official forward_backward: frozen CLIP image pass, forward, loss, backward, AdamW step, loss.item()",
+    "ours-step": "ours, bare method step (the official scope): training_step (forward, frozen-teacher pass, loss), "
+                 "backward, AdamW step",
+    "ours-trainer": "ours, full trainer step: Trainer.fit over this one batch (loader, autocast context, the "
+                    "method step, finite loss and gradient checks, scaler, logged terms, epoch hooks)",
+}
+
+
+def alternation_schedule(sides, rounds: int) -> list[str]:
+    """Every side once per round; round ``r`` starts with side ``r mod n``, so over ``n`` rounds each side
+    takes every place in a round once (first, after the others, ...)."""
+    sides = list(sides)
+    return [sides[(r + i) % len(sides)] for r in range(rounds) for i in range(len(sides))]
+
+
+def time_alternating(steps: dict[str, Callable[[], object]], rounds: int, clocks: dict[str, Callable[[], float]]
+                     ) -> tuple[dict[str, dict[str, list[float]]], dict[str, float]]:
+    """Seconds of every call of each step on every clock (``{clock: {side: [...]}}``), run in
+    :func:`alternation_schedule`'s order, and each step's first loss (what it returned, read after the clocks)."""
+    seconds = {name: {side: [] for side in steps} for name in clocks}
+    first_loss: dict[str, float] = {}
+    for side in alternation_schedule(steps, rounds):
+        start = {name: clock() for name, clock in clocks.items()}
+        loss = steps[side]()
+        for name, clock in clocks.items():
+            seconds[name][side].append(clock() - start[name])
+        first_loss.setdefault(side, float(loss))
+    return seconds, first_loss
+
+
+def _round_fp16(backbone: ClipBackbone) -> None:
+    """Round the CLIP's float tensors to float16 values in place: the official build_model casts to fp16 and back,
+    so both sides then run the very same weights."""
+    with torch.no_grad():
+        for tensor in (*backbone.model.parameters(), *backbone.model.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+
+
+def _official_step(trainer, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], float]:
+    batch = {"img": images, "label": labels}
+
+    def step() -> float:
+        trainer.set_model_mode("train")
+        return trainer.forward_backward(batch)["loss"]
+
+    return step
+
+
+def _our_steps(method_name: str, backbone: ClipBackbone, classnames: list[str], start: dict[str, torch.Tensor],
+               images: torch.Tensor, labels: torch.Tensor, device: torch.device
+               ) -> dict[str, Callable[[], object]]:
+    """Ours in both scopes, each on its own copy of the learnable values (the official start), sharing the CLIP.
+
+    Optimiser as the official config's (AdamW, weight decay 5e-4, the warm-up epoch's rate 1e-5), built by our
+    trainer's builder for both scopes; fp32 as the official side here."""
+    from torch.utils.data import TensorDataset
+
+    from alignednorm.config import TrainConfig
+    from alignednorm.engine.trainer import Trainer, build_optimizer, lr_at_epoch
+    from alignednorm.methods import StepState, create_method
+
+    config = TrainConfig(epochs=1, batch_size=len(images), precision="fp32", tensorboard=False)
+    methods = []
+    for _ in range(2):
+        method = create_method(method_name, backbone).to(device)
+        method.set_classnames(classnames)
+        method.load_learnable_state_dict(start, source="the official start values")
+        methods.append(method)
+    bare, full = methods
+    optimizer = build_optimizer(config, bare.learnable_parameters())
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at_epoch(config, 0)
+    trainer = Trainer(full, config, run_dir=None, progress=False)  # loads in this process (no workers)
+    dataset = TensorDataset(images.cpu(), labels.cpu())
+
+    def bare_step() -> torch.Tensor:
+        bare.train()
+        loss = bare.training_step((images, labels), StepState())["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def trainer_step() -> float:
+        return trainer.fit(dataset, resume=False)["loss"]
+
+    return {"ours-step": bare_step, "ours-trainer": trainer_step}
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_alternating_bench(official_repo: str | Path, dassl: str | Path | None = None, geometry: str = "vit-b16",
+                          classes=(50,), batch: int = 8, iters: int = 3, device: str = "cpu",
+                          weights_out: str | Path | None = None, method: str = "mmrlpp") -> dict:
+    """The training step of the official MMRL++ and ours (both scopes) in turns in this process, per class count.
+
+    Returns the seconds of every step per side on both clocks (wall and process CPU, in the order run), each
+    side's first loss (the same start values, images and labels: equal up to float rounding), the load average
+    before and after, and the setting."""
+    from alignednorm.compat.official import convert_official_state
+
+    repo, dassl_root = check_official_repo(official_repo), check_dassl(dassl)
+    dev = torch.device(device)
+    clocks = {name: make_clock(dev, name) for name in CLOCKS}
+    backbone = random_clip(geometry)
+    _round_fp16(backbone)
+    official = import_official(repo, dassl_root)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = write_official_weights(backbone, Path(weights_out) if weights_out else Path(tmp) / "clip.pt")
+        backbone = backbone.to(dev)
+        cfg = official_config(official, repo, backbone.image_size)
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(batch, 3, backbone.image_size, backbone.image_size, generator=gen).to(dev)
+        for n_classes in classes:
+            labels = (torch.arange(batch) % n_classes).to(dev)
+            classnames = [f"class {i}" for i in range(n_classes)]
+            torch.manual_seed(0)
+            trainer = build_official_trainer(official, cfg, classnames, weights, dev)
+            start = convert_official_state({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
+                                           method)
+            steps = {"official": _official_step(trainer, images, labels),
+                     **_our_steps(method, backbone, classnames, start, images, labels, dev)}
+            load_before = _load()
+            with backbone.text_options(cut_text_padding=True, share_text_prefix=True):
+                seconds, first_loss = time_alternating(steps, iters, clocks)
+            runs.append({"classes": n_classes, "seconds": seconds, "first_loss": first_loss,
+                         "load_before": load_before, "load_after": _load()})
+            del trainer, steps
+            gc.collect()
+    return {"mode": "alternate", "method": method, "geometry": geometry, "batch": batch, "device": device,
+            "clocks": list(CLOCKS), "rounds": iters, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "order": list(SIDES), "scopes": dict(SCOPES), "runs": runs,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "official": {"repo": str(repo), "dassl": str(dassl_root) if dassl_root else None,
+                         "sha256": _fingerprint(repo)}}
+
+
+def _ratio(official: list[float], ours: list[float]) -> str:
+    """official ÷ ours: the ratio of the medians, in brackets the range of the per-round ratios."""
+    per_round = sorted(a / b for a, b in zip(official, ours, strict=True))
+    return f"{_median(official) / _median(ours):.2f}x ({per_round[0]:.2f}-{per_round[-1]:.2f})"
+
+
+def _loads(values: list[float]) -> str:
+    return "/".join(f"{x:.2f}" for x in values)
+
+
+def format_alternating(report: dict) -> str:
+    """Per class count: the median seconds of each side, official ÷ ours in each scope, the trainer's cost over
+    the bare step and the load average; then every step as run and each side's first loss."""
+    sides = [s for s in report["order"] if s in report["scopes"]]
+    title = (f"official MMRL++ and ours ({report['method']}) alternating in one process on {report['geometry']} "
+             f"({report['device']}, batch {report['batch']}, {report['threads']} threads, {report['cpus']} CPUs): "
+             f"seconds per training step, median of {report['rounds']} rounds; round r starts with side r mod "
+             f"{len(sides)}; wall and process CPU seconds of the same steps")
+    header = (f"{'clock':<5} {'classes':>7} {'official':>9} {'ours-step':>10} {'ours-trainer':>13}"
+              f" {'official/ours-step':>20} {'official/ours-trainer':>22} {'trainer-step':>13}"
+              "  load avg 1/5/15 min before -> after")
+    lines = [title, *(f"  {side:<13} = {report['scopes'][side]}" for side in sides), header]
+    details = []
+    for clock in report["clocks"]:
+        for run in report["runs"]:
+            sec = run["seconds"][clock]
+            official, step, full = (_median(sec[side]) for side in SIDES)
+            lines.append(f"{clock:<5} {run['classes']:>7} {official:>9.2f} {step:>10.2f} {full:>13.2f}"
+                         f" {_ratio(sec['official'], sec['ours-step']):>20}"
+                         f" {_ratio(sec['official'], sec['ours-trainer']):>22} {full - step:>+13.2f}"
+                         f"  {_loads(run['load_before'])} -> {_loads(run['load_after'])}")
+            details.append(f"{run['classes']} classes, {clock} seconds of every step in the order run: " + "; ".join(
+                f"{side} {', '.join(f'{x:.2f}' for x in sec[side])}" for side in sides))
+    for run in report["runs"]:
+        details.append(f"{run['classes']} classes, first loss (same start values, images, labels): " + ", ".join(
+            f"{side} {run['first_loss'][side]:.6f}" for side in sides))
+    return "\n".join([*lines, "(official/ours: ratio of the medians; in brackets the range of the per-round ratios)",
+                      *details, f"peak RSS of this process: {report['peak_rss_mb']:.0f} MB (both sides)",
+                      f"official code: {report['official']['repo']} (sha256 {report['official']['sha256']})"])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked: ``classes`` becomes a tuple of positive counts; a bad value raises
+    :class:`ConfigError`."""
     parser = argparse.ArgumentParser(prog="python -m alignednorm.compat.bench_official",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-repo", type=Path, help=f"a checkout of {OFFICIAL_URL}")
@@ -328,25 +527,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--geometry", default="vit-b16", help=f"random CLIP: {', '.join(GEOMETRIES)}")
     parser.add_argument("--classes", default="50,500", help="comma-separated class counts")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=2, help="iterations per class count (the median is shown)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="iterations (--alternate: rounds) per class count, the median is shown (default 2; "
+                             "--alternate: 3)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--clock", default="wall", choices=CLOCKS, help="wall, or cpu: process CPU seconds")
+    parser.add_argument("--clock", default="wall", choices=CLOCKS,
+                        help="wall, or cpu: process CPU seconds (--alternate records both on the same steps)")
+    parser.add_argument("--alternate", action="store_true",
+                        help="time the training step of the official code and ours (bare method step and full "
+                             "trainer step) in turns in this process: the way to compare on a shared machine")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--weights-out", type=Path, help="keep the random CLIP's state dict at this path")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = parser.parse_args(argv)
     try:
-        try:
-            counts = tuple(int(c) for c in args.classes.split(",") if c.strip())
-        except ValueError:
-            raise ConfigError(f"--classes {args.classes!r}: expected comma-separated integers, e.g. 50,500") from None
-        if not counts or min(counts) < 1 or args.iters < 1 or args.batch < 1:
-            raise ConfigError("--classes, --iters and --batch need positive values")
-        report = run_official_bench(args.official_repo, args.dassl, args.geometry, counts, args.batch, args.iters,
-                                    args.device, args.clock, args.weights_out)
+        args.classes = tuple(int(c) for c in args.classes.split(",") if c.strip())
+    except ValueError:
+        raise ConfigError(f"--classes {args.classes!r}: expected comma-separated integers, e.g. 50,500") from None
+    if args.iters is None:
+        args.iters = 3 if args.alternate else 2
+    if not args.classes or min(args.classes) < 1 or args.iters < 1 or args.batch < 1:
+        raise ConfigError("--classes, --iters and --batch need positive values")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: expected a positive count")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.alternate:
+            report = run_alternating_bench(args.official_repo, args.dassl, args.geometry, args.classes, args.batch,
+                                           args.iters, args.device, args.weights_out)
+        else:
+            report = run_official_bench(args.official_repo, args.dassl, args.geometry, args.classes, args.batch,
+                                        args.iters, args.device, args.clock, args.weights_out)
     except AlignedNormError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(report, indent=2) if args.json else format_official(report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_alternating(report) if args.alternate else format_official(report))
     return 0
 
 
