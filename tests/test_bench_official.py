@@ -3,6 +3,7 @@ weight file it hands the official loader holds bench's random CLIP, and ``--alte
 its schedule, reads every clock and prints both of our scopes apart. Timing the official code needs its
 checkouts, so it is not run here (the alternation runs on fake steps and a counting clock)."""
 
+import math
 import warnings
 
 import pytest
@@ -16,7 +17,9 @@ from alignednorm.compat.bench_official import (
     SIDES,
     alternation_schedule,
     format_alternating,
+    machine_busy_seconds,
     main,
+    others_cores,
     parse_args,
     time_alternating,
     write_official_weights,
@@ -102,10 +105,12 @@ def test_time_alternating_runs_the_schedule_and_reads_every_clock():
 def _report() -> dict:
     seconds = {"official": [110.0, 100.0, 120.0], "ours-step": [10.0, 12.0, 11.0], "ours-trainer": [11.0, 12.0, 13.0]}
     return {"mode": "alternate", "method": "mmrlpp", "geometry": "vit-b16", "batch": 8, "device": "cpu",
-            "clocks": ["wall", "cpu"], "rounds": 3, "threads": 2, "cpus": 2, "order": list(SIDES),
+            "clocks": ["wall", "cpu", "machine"], "rounds": 3, "threads": 2, "cpus": 2, "order": list(SIDES),
             "scopes": dict(SCOPES), "peak_rss_mb": 12345.0,
-            "runs": [{"classes": 500, "seconds": {"wall": seconds, "cpu": {k: [2 * x for x in v]
-                                                                           for k, v in seconds.items()}},
+            # two of our cores busy all along; others kept 1 core busy (3 x wall on the machine clock)
+            "runs": [{"classes": 500, "seconds": {"wall": seconds,
+                                                  "cpu": {k: [2 * x for x in v] for k, v in seconds.items()},
+                                                  "machine": {k: [3 * x for x in v] for k, v in seconds.items()}},
                       "first_loss": {"official": 6.25, "ours-step": 6.25, "ours-trainer": 6.25},
                       "load_before": [1.5, 2.0, 2.5], "load_after": [3.0, 2.0, 1.0]}],
             "official": {"repo": "/x/MMRL", "dassl": None, "sha256": {"trainers/mmrlpp.py": "ab"}}}
@@ -122,10 +127,20 @@ def test_format_alternating_names_both_scopes_clocks_and_load():
     # medians 110 / 11 / 12: official ÷ ours 10.00x (step), 9.17x (trainer); per round 110/10, 100/12, 120/11 ...
     assert "110.00" in wall and "10.00x (8.33-11.00)" in wall and "9.17x (8.33-10.00)" in wall and "+1.00" in wall
     assert "220.00" in cpu and "10.00x (8.33-11.00)" in cpu and "+2.00" in cpu
-    assert "1.50/2.00/2.50 -> 3.00/2.00/1.00" in wall
+    assert "1.50/2.00/2.50 -> 3.00/2.00/1.00" in wall and "1.00 (1.00-1.00)" in wall
+    assert "cores other processes kept busy during each step: official 1.00, 1.00, 1.00" in text
+    assert "machine" not in {line.split()[0] for line in text.splitlines() if line}  # no table rows of its own
     assert "2 threads, 2 CPUs" in text and "median of 3 rounds" in text
     assert "500 classes, wall seconds of every step in the order run: official 110.00, 100.00, 120.00" in text
     assert "first loss (same start values, images, labels): official 6.250000" in text
+
+
+def test_others_cores_is_the_machine_less_this_process_per_wall_second():
+    seconds = {"wall": {"a": [2.0, 4.0]}, "cpu": {"a": [4.0, 4.0]}, "machine": {"a": [7.0, 3.0]}}
+    assert others_cores(seconds, "a") == [1.5, 0.0]  # (7 - 4) / 2; a machine reading below ours counts as none
+    assert others_cores({"wall": {"a": [1.0]}, "cpu": {"a": [1.0]}}, "a") == []
+    busy = machine_busy_seconds()
+    assert math.isnan(busy) or busy >= 0  # NaN without /proc/stat
 
 
 def test_arguments_alternate_defaults_and_checks(capsys):

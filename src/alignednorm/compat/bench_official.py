@@ -425,6 +425,27 @@ def _our_steps(method_name: str, backbone: ClipBackbone, classnames: list[str], 
     return {"ours-step": bare_step, "ours-trainer": trainer_step}
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of the machine has spent busy since boot (Linux ``/proc/stat``: user, nice,
+    system, irq, softirq, steal), NaN where there is no such file. Less this process's CPU seconds, over the wall
+    seconds of a step: how many cores others kept busy meanwhile, the load each step met."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    except (OSError, ValueError):
+        return float("nan")
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def others_cores(seconds: dict[str, dict[str, list[float]]], side: str) -> list[float]:
+    """Per step of ``side``: the cores other processes kept busy while it ran (``machine`` less ``cpu`` seconds,
+    over ``wall`` seconds); empty without the machine clock."""
+    if "machine" not in seconds:
+        return []
+    return [max(m - c, 0.0) / w for m, c, w in zip(seconds["machine"][side], seconds["cpu"][side],
+                                                  seconds["wall"][side], strict=True)]
+
+
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -434,14 +455,14 @@ def run_alternating_bench(official_repo: str | Path, dassl: str | Path | None = 
                           weights_out: str | Path | None = None, method: str = "mmrlpp") -> dict:
     """The training step of the official MMRL++ and ours (both scopes) in turns in this process, per class count.
 
-    Returns the seconds of every step per side on both clocks (wall and process CPU, in the order run), each
-    side's first loss (the same start values, images and labels: equal up to float rounding), the load average
-    before and after, and the setting."""
+    Returns the seconds of every step per side on each clock (wall, process CPU and the machine's busy CPU
+    seconds, :func:`machine_busy_seconds`; in the order run), each side's first loss (the same start values,
+    images and labels: equal up to float rounding), the load average before and after, and the setting."""
     from alignednorm.compat.official import convert_official_state
 
     repo, dassl_root = check_official_repo(official_repo), check_dassl(dassl)
     dev = torch.device(device)
-    clocks = {name: make_clock(dev, name) for name in CLOCKS}
+    clocks = {**{name: make_clock(dev, name) for name in CLOCKS}, "machine": machine_busy_seconds}
     backbone = random_clip(geometry)
     _round_fp16(backbone)
     official = import_official(repo, dassl_root)
@@ -469,7 +490,7 @@ def run_alternating_bench(official_repo: str | Path, dassl: str | Path | None = 
             del trainer, steps
             gc.collect()
     return {"mode": "alternate", "method": method, "geometry": geometry, "batch": batch, "device": device,
-            "clocks": list(CLOCKS), "rounds": iters, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "clocks": [*CLOCKS, "machine"], "rounds": iters, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "order": list(SIDES), "scopes": dict(SCOPES), "runs": runs,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "official": {"repo": str(repo), "dassl": str(dassl_root) if dassl_root else None,
@@ -487,8 +508,9 @@ def _loads(values: list[float]) -> str:
 
 
 def format_alternating(report: dict) -> str:
-    """Per class count: the median seconds of each side, official ÷ ours in each scope, the trainer's cost over
-    the bare step and the load average; then every step as run and each side's first loss."""
+    """Per class count and clock: the median seconds of each side, official ÷ ours in each scope, the trainer's
+    cost over the bare step, the cores other processes kept busy during the steps and the load average; then
+    every step as run and each side's first loss."""
     sides = [s for s in report["order"] if s in report["scopes"]]
     title = (f"official MMRL++ and ours ({report['method']}) alternating in one process on {report['geometry']} "
              f"({report['device']}, batch {report['batch']}, {report['threads']} threads, {report['cpus']} CPUs): "
@@ -496,23 +518,31 @@ def format_alternating(report: dict) -> str:
              f"{len(sides)}; wall and process CPU seconds of the same steps")
     header = (f"{'clock':<5} {'classes':>7} {'official':>9} {'ours-step':>10} {'ours-trainer':>13}"
               f" {'official/ours-step':>20} {'official/ours-trainer':>22} {'trainer-step':>13}"
-              "  load avg 1/5/15 min before -> after")
+              f" {'others-cores':>16}  load avg 1/5/15 min before -> after")
     lines = [title, *(f"  {side:<13} = {report['scopes'][side]}" for side in sides), header]
     details = []
-    for clock in report["clocks"]:
+    others = {run["classes"]: {side: others_cores(run["seconds"], side) for side in sides} for run in report["runs"]}
+    for clock in (c for c in report["clocks"] if c in CLOCKS):
         for run in report["runs"]:
             sec = run["seconds"][clock]
             official, step, full = (_median(sec[side]) for side in SIDES)
+            busy = sorted(x for per_side in others[run["classes"]].values() for x in per_side)
+            busy_text = f"{_median(busy):.2f} ({busy[0]:.2f}-{busy[-1]:.2f})" if busy else "-"
             lines.append(f"{clock:<5} {run['classes']:>7} {official:>9.2f} {step:>10.2f} {full:>13.2f}"
                          f" {_ratio(sec['official'], sec['ours-step']):>20}"
-                         f" {_ratio(sec['official'], sec['ours-trainer']):>22} {full - step:>+13.2f}"
+                         f" {_ratio(sec['official'], sec['ours-trainer']):>22} {full - step:>+13.2f} {busy_text:>16}"
                          f"  {_loads(run['load_before'])} -> {_loads(run['load_after'])}")
             details.append(f"{run['classes']} classes, {clock} seconds of every step in the order run: " + "; ".join(
                 f"{side} {', '.join(f'{x:.2f}' for x in sec[side])}" for side in sides))
     for run in report["runs"]:
+        if any(others[run["classes"]].values()):
+            details.append(f"{run['classes']} classes, cores other processes kept busy during each step: " + "; ".join(
+                f"{side} {', '.join(f'{x:.2f}' for x in others[run['classes']][side])}" for side in sides))
         details.append(f"{run['classes']} classes, first loss (same start values, images, labels): " + ", ".join(
             f"{side} {run['first_loss'][side]:.6f}" for side in sides))
-    return "\n".join([*lines, "(official/ours: ratio of the medians; in brackets the range of the per-round ratios)",
+    note = ("(official/ours: ratio of the medians, in brackets the range of the per-round ratios; others-cores: "
+            "cores other processes kept busy during the steps, median and range over all steps, from /proc/stat)")
+    return "\n".join([*lines, note,
                       *details, f"peak RSS of this process: {report['peak_rss_mb']:.0f} MB (both sides)",
                       f"official code: {report['official']['repo']} (sha256 {report['official']['sha256']})"])
 
