@@ -34,3 +34,28 @@ def test_bench_settings_selection():
     assert [t.settings for t in result.timings] == [{"cut_text_padding": True, "share_text_prefix": True}]
     out = CliRunner().invoke(app, ["bench", "--geometry", "tiny", "--settings", "most"])
     assert out.exit_code != 0
+
+
+def test_bench_data_measures_loader_and_model(tmp_path):
+    """bench --data: real 500x375 JPEGs, one loader row per worker count, the model's rates, a verdict per row."""
+    from PIL import Image
+
+    from alignednorm.bench import DataBenchResult, LoaderTiming, format_data_result, write_jpegs
+
+    items = write_jpegs(tmp_path / "jpegs", 3)
+    with Image.open(items[0].impath) as image:
+        assert image.size == (500, 375) and image.format == "JPEG"
+    result = CliRunner().invoke(app, ["bench", "--data", "--geometry", "tiny", "--images", "6", "--workers", "0,1",
+                                      "--classes", "5", "--batch", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [row["workers"] for row in data["loaders"]] == [0, 1] and data["images"] == 6
+    assert all(row["train_ips"] > 0 and row["eval_ips"] > 0 for row in data["loaders"])
+    assert data["model_train_ips"] > 0 and data["model_eval_ips"] > 0 and data["default_workers"] >= 0
+
+    text = format_data_result(DataBenchResult("tiny", "mmrlpp", "cpu", (500, 375), 6, 4, 0, 10.0, 100.0,
+                                              [LoaderTiming(0, 5.0, 500.0), LoaderTiming(1, 20.0, 50.0)]))
+    assert text.splitlines()[3].endswith("loader / model  <- default here")
+    assert text.splitlines()[4].endswith("model / loader")
+    bad = CliRunner().invoke(app, ["bench", "--data", "--workers", "-1"])
+    assert bad.exit_code != 0

@@ -6,7 +6,8 @@ from open_clip import OPENAI_DATASET_MEAN
 from PIL import Image
 
 from alignednorm.data import ImageListDataset, Item, build_transform, class_prompts
-from alignednorm.data.dataset import skip_none_collate
+from alignednorm.data.dataset import SkippedImage, skip_none_collate
+from alignednorm.engine.batches import image_batches
 from alignednorm.errors import DataError
 
 
@@ -63,11 +64,21 @@ def test_corrupt_image_raises_naming_the_path(with_corrupt):
 
 def test_skip_corrupt_drops_and_counts(with_corrupt):
     data = ImageListDataset(with_corrupt, build_transform(8, train=False), skip_corrupt=True)
-    assert data[0] is None and data[1] is None and data[2][1] == 2
+    assert data[0] == SkippedImage(with_corrupt[0].impath) and isinstance(data[1], SkippedImage)
+    assert data[2][1] == 2
     assert data.num_skipped == 2 and data.skipped == {with_corrupt[0].impath, with_corrupt[1].impath}
     batch = skip_none_collate([data[i] for i in range(3)])
     assert batch[0].shape == (1, 3, 8, 8) and batch[1].tolist() == [2]
     assert skip_none_collate([data[0], data[1]]) is None
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipped_images_are_counted_whatever_the_workers(with_corrupt, workers):
+    """A worker's copy of the dataset would keep its skips to itself: the loader brings them back."""
+    data = ImageListDataset(with_corrupt * 2, build_transform(8, train=False), skip_corrupt=True)
+    batches = list(image_batches(data, batch_size=2, workers=workers, device="cpu"))
+    assert [None if b is None else b[1].tolist() for b in batches] == [None, [2], [2]]
+    assert data.skipped == {with_corrupt[0].impath, with_corrupt[1].impath}
 
 
 def test_class_prompts_replace_underscores():

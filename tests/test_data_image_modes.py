@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from alignednorm.data import ImageListDataset, Item
-from alignednorm.data.dataset import load_rgb, to_rgb
+from alignednorm.data.dataset import SkippedImage, load_rgb, to_rgb
 from alignednorm.errors import DataError
 
 
@@ -120,4 +120,4 @@ def test_dataset_names_an_image_out_of_range(tmp_path):
     with pytest.raises(DataError, match=r"big.tif: F image with samples .*pass --skip-corrupt"):
         data[0]
     skipping = ImageListDataset([Item(str(path), 0, "a")], skip_corrupt=True)
-    assert skipping[0] is None and skipping.skipped == {str(path)}
+    assert isinstance(skipping[0], SkippedImage) and skipping.skipped == {str(path)}

@@ -174,7 +174,7 @@ def test_text_chunk_setting_trains_to_the_same_numbers(backbone):
         config = TrainConfig(epochs=1, batch_size=2, warmup_epochs=0, lr=1e-2, optimizer="sgd", text_chunk=chunk)
         trainer = Trainer(method, config, progress=False,
                           epoch_callback=lambda trainer, epoch, terms: seen.append(backbone.text_chunk))
-        trainer._loader = lambda ds, epoch: torch.utils.data.DataLoader(ds, batch_size=2)
+        trainer._loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=2)
         trainer.fit(data)
         assert seen[-1] == (chunk or None) and backbone.text_chunk is None
         states.append(method.learnable_state_dict())

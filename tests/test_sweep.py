@@ -95,3 +95,25 @@ def test_a_sweep_never_skips_a_folder_finished_with_other_settings(json_dataset,
     outcome = run_sweep(jobs, "inline")
     (failed,) = outcome.failed.values()
     assert "other settings (config.data.crop_scale" in failed
+
+
+def test_processes_executor_matches_inline_and_reports_failures(json_dataset, clip_file, tmp_path):
+    """Parallel processes (one thread each here) give the numbers of the inline sweep; a broken job is reported."""
+    results = {}
+    for executor in ("inline", "processes"):
+        out = tmp_path / executor
+        jobs = expand("base2new", pets_request(json_dataset, clip_file, out, seeds=(1, 2), progress=False))
+        broken = pets_request(json_dataset, clip_file, out, seeds=(3,), progress=False)
+        broken.data_root = str(tmp_path / "missing")
+        jobs += expand("base2new", broken)
+        outcome = run_sweep(jobs, executor, options=ExecutorOptions(processes=2), output=str(out))
+        assert sorted(outcome.finished) == sorted(j.name for j in jobs[:2])
+        assert list(outcome.failed) == [jobs[2].name] and "missing" in outcome.failed[jobs[2].name]
+        assert "\n" not in outcome.failed[jobs[2].name]
+        results[executor] = {j.seed: json.loads((Path(j.evals[0].run_dir) / "metrics.json").read_text())["eval"]
+                             for j in jobs[:2]}
+    for seed, evals in results["inline"].items():
+        for name, metrics in evals.items():
+            other = results["processes"][seed][name]
+            assert (metrics["accuracy"], metrics["per_class_accuracy"]) == (other["accuracy"],
+                                                                          other["per_class_accuracy"])

@@ -57,7 +57,7 @@ def test_gradient_accumulation_matches_a_large_batch(backbone):
         trainer = Trainer(method, cfg, progress=False)
         dataset = _data()
         # Same sample order for both: an unshuffled loader replaces the seeded sampler.
-        trainer._loader = lambda ds, epoch, bs=batch_size: torch.utils.data.DataLoader(ds, batch_size=bs)
+        trainer._loader = lambda ds, bs=batch_size: torch.utils.data.DataLoader(ds, batch_size=bs)
         # SGD: the step is proportional to the gradient (Adam's first step is ~sign(g), too sensitive).
         trainer.optimizer = torch.optim.SGD(method.learnable_parameters(), lr=1e-2)
         trainer.fit(dataset)
@@ -123,7 +123,7 @@ def test_optimizer_is_config_and_matches_torch(backbone, name):
                       weight_decay=1e-3, adam_eps=1e-6)
     method = _method(backbone)
     trainer = Trainer(method, cfg, progress=False)
-    trainer._loader = lambda ds, epoch: torch.utils.data.DataLoader(ds, batch_size=8)
+    trainer._loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=8)
     reference = _method(backbone)
     torch_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
     extra = {"momentum": 0.8} if name == "sgd" else {"eps": 1e-6}
@@ -185,7 +185,7 @@ def test_compiled_forward_trains_to_the_eager_numbers(backbone):
         method = _method(backbone)
         trainer = Trainer(method, TrainConfig(epochs=1, batch_size=4, warmup_epochs=0, lr=1e-2, compile=backend),
                           progress=False)
-        trainer._loader = lambda ds, epoch: torch.utils.data.DataLoader(ds, batch_size=4)
+        trainer._loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=4)
         stats = trainer.fit(_data())
         results.append((stats["loss"], method.learnable_state_dict()))
     (loss, eager), (compiled_loss, compiled) = results

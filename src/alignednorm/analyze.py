@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from alignednorm import data as D
 from alignednorm.backbone.hooks import Trace, Traces
 from alignednorm.clip_names import resolve_clip_path
 from alignednorm.config import to_yaml
-from alignednorm.data.dataset import skip_none_collate
+from alignednorm.engine.batches import Batches, default_workers, image_batches
 from alignednorm.engine.environment import resolve_device
 from alignednorm.engine.run import TrainedRun, load_run
 from alignednorm.errors import AlignedNormError
@@ -74,6 +73,12 @@ def _test_items(trained: TrainedRun, classes: str, data_root: str, max_images: i
     return split
 
 
+def _test_batches(images: D.ImageListDataset, batch_size: int, method: Method) -> Batches:
+    """The test images in order, loaded with the default workers for the method's device."""
+    device = next(method.backbone.parameters()).device
+    return image_batches(images, batch_size=batch_size, workers=default_workers(device), device=device)
+
+
 def _unnormalise(images: torch.Tensor) -> np.ndarray:
     mean = torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -94,7 +99,7 @@ def record_subset(method: Method, split: D.DatasetSplits, dataset: str, rule: st
     method.eval()
     method.set_label_space(dataset_label_space(dataset, split.classnames, descriptions))
     transform = D.build_transform(method.backbone.image_size, train=False)
-    loader = DataLoader(D.ImageListDataset(split.test, transform), batch_size=batch_size, collate_fn=skip_none_collate)
+    loader = _test_batches(D.ImageListDataset(split.test, transform), batch_size, method)
     backbone, record = method.backbone, SubsetRecord()
     last = backbone.vision_layers
     traced, kept = tuple(range(1, last + 1)), None  # kept: the layers whose attention is averaged
@@ -393,8 +398,7 @@ def corruption_runs(run_dirs: list[str | Path], options: AnalysisOptions | None 
         method.set_label_space(dataset_label_space(trained.info["dataset"], split.classnames,
                                                    trained.data_config.descriptions))
         transform = D.build_transform(method.backbone.image_size, train=False)
-        loader = DataLoader(D.ImageListDataset(split.test, transform), batch_size=options.batch_size,
-                            collate_fn=skip_none_collate)
+        loader = _test_batches(D.ImageListDataset(split.test, transform), options.batch_size, method)
         results = corruption_sweep(method, (b for b in loader if b is not None), seed=options.seed)
         label = _unique(run_label(trained), numbers)
         numbers[label] = {"low_norm_frequency": low_norm_frequency(results),

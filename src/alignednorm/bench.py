@@ -205,3 +205,109 @@ def format_result(result: BenchResult) -> str:
     lines.append("learnable parameters at this geometry (default configs): " +
                  ", ".join(f"{k} {v / 1e6:.3f} M" if v >= 0 else f"{k} n/a" for k, v in result.params.items()))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- the data path
+@dataclass
+class LoaderTiming:
+    """Images per second one pass of a loader delivers with ``workers`` processes (startup included)."""
+
+    workers: int
+    train_ips: float
+    eval_ips: float
+
+
+@dataclass
+class DataBenchResult:
+    geometry: str
+    method: str
+    device: str
+    image_size: tuple[int, int]
+    images: int
+    batch: int
+    default_workers: int
+    model_train_ips: float
+    model_eval_ips: float
+    loaders: list[LoaderTiming] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def write_jpegs(folder: Path, count: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> list:
+    """``count`` JPEGs of ``size`` (ImageNet's typical 500×375) with smooth random content, as ``Item``s."""
+    import numpy as np
+    from PIL import Image
+
+    from alignednorm.data import Item
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    items = []
+    for k in range(count):
+        path = folder / f"{k:05d}.jpg"
+        if not path.is_file():
+            coarse = rng.integers(0, 256, (height // 25 + 1, width // 25 + 1, 3), dtype=np.uint8)
+            Image.fromarray(coarse).resize(size, Image.BICUBIC).save(path, quality=90)
+        items.append(Item(str(path), k % 10, f"class {k % 10}"))
+    return items
+
+
+def time_loader(items, image_size: int, batch: int, workers: int, device: torch.device) -> tuple[float, float]:
+    """Images/s of one training pass (planned random-resized crop + flip) and one evaluation pass."""
+    from alignednorm.data import ImageListDataset, TrainAugmentation, build_transform
+    from alignednorm.engine.batches import EpochBatches, image_batches
+
+    train = ImageListDataset(items, TrainAugmentation(image_size))
+    evaluation = ImageListDataset(items, build_transform(image_size, train=False))
+    rates = []
+    for dataset, sampler in ((train, EpochBatches(len(items), batch, 1, train.plan)), (evaluation, None)):
+        start = time.perf_counter()
+        loader = image_batches(dataset, workers=workers, device=device, batch_sampler=sampler,
+                               batch_size=None if sampler else batch)
+        seen = sum(len(b[1]) for b in loader if b is not None)
+        rates.append(seen / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def run_data_bench(geometry: str = "vit-b16", method_name: str = "mmrlpp", workers=(0, 1, 2), images: int = 256,
+                   batch: int = 32, device: str = "cpu", classes: int = 50, folder: Path | None = None,
+                   image_size: tuple[int, int] = (500, 375)) -> DataBenchResult:
+    """Loader images/s for each worker count beside the model's train and eval images/s at ``geometry``."""
+    import tempfile
+
+    from alignednorm.engine.batches import default_workers
+
+    dev = resolve_device(device)
+    backbone = random_clip(geometry).to(dev)
+    with tempfile.TemporaryDirectory() as scratch:
+        items = write_jpegs(Path(folder or scratch), images, image_size)
+        loaders = [LoaderTiming(w, *time_loader(items, backbone.image_size, batch, w, dev)) for w in workers]
+    torch.manual_seed(0)
+    method = create_method(method_name, backbone).to(dev)
+    model_batch = min(batch, 8) if dev.type == "cpu" else batch  # a CPU step at ViT-B/16 takes seconds per image
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(model_batch, 3, backbone.image_size, backbone.image_size, generator=gen).to(dev)
+    labels = (torch.arange(model_batch) % classes).to(dev)
+    train_s, _, eval_s, _ = time_configuration(method, pixels, labels, [f"class {i}" for i in range(classes)],
+                                               iters=2, clock=make_clock(dev))
+    return DataBenchResult(geometry, method_name, str(dev), image_size, images, batch, default_workers(dev),
+                           model_batch / train_s, model_batch / eval_s, loaders)
+
+
+def format_data_result(result: DataBenchResult) -> str:
+    """The loader's images/s per worker count beside the model's, and which side waits."""
+    w, h = result.image_size
+    title = (f"data path: {result.images} JPEGs of {w}x{h} -> {result.geometry} input, batch {result.batch}, "
+             f"{result.device}; images per second (loader passes include worker start-up)")
+    model = (f"model ({result.method}, {result.geometry}): train {result.model_train_ips:.1f} img/s, "
+             f"eval {result.model_eval_ips:.1f} img/s")
+    lines = [title, model,
+             f"{'workers':>7}  {'train loader':>12}  {'eval loader':>11}  bottleneck (train / eval)"]
+    for t in result.loaders:
+        train = "loader" if t.train_ips < result.model_train_ips else "model"
+        evaluation = "loader" if t.eval_ips < result.model_eval_ips else "model"
+        mark = "  <- default here" if t.workers == result.default_workers else ""
+        lines.append(f"{t.workers:>7}  {t.train_ips:>12.1f}  {t.eval_ips:>11.1f}  {train} / {evaluation}{mark}")
+    return "\n".join(lines)

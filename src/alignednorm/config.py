@@ -58,7 +58,6 @@ class TrainConfig:
             fp32 elsewhere), ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + loss scaling).
         grad_accum: micro-batches accumulated per optimiser step.
         seed: seeds sampling order, augmentation and initialisation.
-        num_workers: data-loading worker processes.
         log_every: steps between logged training steps (``log.jsonl``, TensorBoard, wandb).
         select: which learned values the run keeps: ``last`` (after the final epoch) or ``best-val``
             (the epoch with the best accuracy on the validation split, HiCroPL's choice).
@@ -98,7 +97,6 @@ class TrainConfig:
     precision: str = "auto"
     grad_accum: int = 1
     seed: int = 1
-    num_workers: int = 0
     log_every: int = 10
     select: str = "last"
     select_ties: str = "first"
@@ -133,7 +131,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected an integer >= 1")
-        for name in ("lr", "weight_decay", "warmup_lr", "warmup_epochs", "num_workers", "text_chunk"):
+        for name in ("lr", "weight_decay", "warmup_lr", "warmup_epochs", "text_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} = {getattr(self, name)!r}; expected a value >= 0")
 
@@ -153,7 +151,14 @@ class DataConfig:
         random_resized_crop: random-resized crops of training images (Dassl's ``random_resized_crop``);
             false resizes them to the input size instead, so with ``hflip: false`` training images
             are not augmented (Dassl's ``INPUT.TRANSFORMS ['normalize']``).
-        eval_batch_size: images per evaluation batch.
+        eval_batch_size: images per evaluation batch (Dassl's DATALOADER.TEST.BATCH_SIZE; presets set
+            the official value).
+        num_workers: loader worker processes for training and evaluation (DATALOADER.NUM_WORKERS);
+            -1 (the default) picks them from the device and the free CPUs (``engine.batches.default_workers``:
+            8 on a GPU as the official configs, none on a 2-core CPU). Numbers do not depend on it.
+        decoded_cache_mb: training images are decoded once and kept in memory when they fit in this
+            many MB (few-shot sets do); the augmentation then works on the kept pixels, with the same
+            numbers. 0 reads them from disk every epoch.
         skip_corrupt: skip unreadable images (and count them) instead of failing.
         descriptions: CuPL-style class descriptions (``{"class": ["sentence", ...]}``): a JSON file,
             or a folder holding ``<dataset>.json`` per dataset; "" for none (methods that use
@@ -164,8 +169,15 @@ class DataConfig:
     hflip: bool = True
     random_resized_crop: bool = True
     eval_batch_size: int = 100
+    num_workers: int = -1
+    decoded_cache_mb: int = 4096
     skip_corrupt: bool = False
     descriptions: str = ""
+
+    def __post_init__(self):
+        for name, low in (("eval_batch_size", 1), ("num_workers", -1), ("decoded_cache_mb", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"data.{name} = {getattr(self, name)!r}; expected an integer >= {low}")
 
 
 def preset_path(method: str) -> Path:
@@ -332,12 +344,25 @@ def load_run_config(method: str, path: str | Path) -> DictConfig:
 
 def run_config_from(method: str, saved, source: str) -> DictConfig:
     """A saved ``{method, train, data}`` mapping merged strictly over the schema (see :func:`load_run_config`)."""
+    saved = _moved_keys(saved)
     cfg = _merge(_schema(method), saved, source)
     stray = sorted(set(cfg) - {"method", "train", "data"})
     if stray:
         raise ConfigError(f"{source}: unexpected top-level keys {stray}; expected method, train and data")
     build(method, cfg)
     return cfg
+
+
+def _moved_keys(saved):
+    """Runs saved before ``train.num_workers`` became ``data.num_workers`` (a setting, never a result)."""
+    saved = OmegaConf.create(saved) if not isinstance(saved, DictConfig) else saved.copy()
+    train = saved.get("train")
+    if isinstance(train, DictConfig) and "num_workers" in train:
+        workers = train.pop("num_workers")
+        if "data" not in saved:
+            saved.data = {}
+        saved.data.setdefault("num_workers", workers)
+    return saved
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -20,8 +20,10 @@ def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", m
              datasets: tuple[str, ...] | None = None, force: bool = False, progress: bool = True, echo=print,
              sets: tuple[str, ...] = ()) -> str:
     """Run the demo; returns the Markdown table it printed."""
+    from alignednorm.engine.batches import usable_cpus
     from alignednorm.mini import generate_world, mini_clip_path
     from alignednorm.protocols import expand
+    from alignednorm.protocols.executor import ExecutorOptions
     from alignednorm.protocols.runner import SweepRequest
     from alignednorm.protocols.sweep import run_sweep
     from alignednorm.protocols.tables import build_report
@@ -32,18 +34,21 @@ def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", m
         raise AlignedNormError(f"the mini CLIP checkpoint {clip} is missing; reinstall alignednorm or run "
                                "`python -m alignednorm.mini.pretrain` to rebuild it")
     start = time.time()
+    processes = usable_cpus()  # independent runs, one per core: a tiny model's step is dispatch-bound
     echo(f"generating the mini world under {Path(data_root) / 'mini'} (skipped when present) ...")
-    generate_world(data_root, names=list(datasets) if datasets else None)
+    generate_world(data_root, names=list(datasets) if datasets else None, processes=processes)
     echo(f"world ready in {time.time() - start:.0f} s")
-    failed: dict[str, str] = {}
+    jobs = []
     for method in methods:
         request = SweepRequest(method=method, data_root=str(data_root), clip=str(clip), output=str(output),
                                suite="mini", datasets=datasets, seeds=(seed,), device="cpu", progress=progress,
                                sets=tuple(sets))
-        jobs = expand("base2new", request)
-        echo(f"{method}: {len(jobs)} datasets ...")
-        outcome = run_sweep(jobs, "inline", force=force)
-        failed.update(outcome.failed)
+        jobs += expand("base2new", request)
+        echo(f"{method}: {sum(job.method == method for job in jobs)} datasets")
+    executor = "processes" if processes > 1 else "inline"
+    echo(f"running {len(jobs)} runs" + (f" in {processes} processes ..." if processes > 1 else " ..."))
+    outcome = run_sweep(longest_first(jobs), executor, force=force, options=ExecutorOptions(processes=processes))
+    failed = dict(outcome.failed)
     tables = [t for t in build_report(output, suite="mini") if t.key.startswith("table1")]
     text = render_all(tables, "md")
     echo(text)
@@ -51,3 +56,18 @@ def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", m
     if failed:
         raise AlignedNormError(f"{len(failed)} demo runs failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
     return text
+
+
+def longest_first(jobs: list) -> list:
+    """Jobs by their training steps, most first (a zero-shot run trains none), so parallel processes end together."""
+    from alignednorm import data as D
+    from alignednorm.methods import get_method_class
+
+    def steps(job) -> float:
+        if not get_method_class(job.method).traits.learns:
+            return 0.0
+        classes = len(D.subsample_classes(D.load_splits(job.dataset, job.data_root), job.train_subset).classnames)
+        train = job.config["train"]
+        return train["epochs"] * classes * job.shots / train["batch_size"]
+
+    return sorted(jobs, key=steps, reverse=True)

@@ -385,14 +385,30 @@ def bench_cmd(
     settings: Annotated[str, typer.Option(help="each (off, then one more optimisation per row), off or on; "
                                               "peak memory is per process, so time off and on apart for it")] = "each",
     as_json: Annotated[bool, typer.Option("--json", help="print the numbers as JSON")] = False,
+    data: Annotated[bool, typer.Option("--data", help="time the data path instead: loader images/s on generated "
+                                       "500x375 JPEGs per worker count, beside the model's images/s")] = False,
+    workers: Annotated[str, typer.Option(help="--data: comma-separated worker counts (default 0..CPUs)")] = "",
+    images: Annotated[int, typer.Option(help="--data: JPEGs to generate and load")] = 256,
 ) -> None:
     """Seconds per training step and evaluation batch with each optimisation off and on, and the
-    learnable-parameter count of every method (paper Table 5's columns)."""
+    learnable-parameter count of every method (paper Table 5's columns); with --data, the data path."""
     import json
 
     from alignednorm.backbone.clip import ClipBackbone
-    from alignednorm.bench import format_result, run_bench
+    from alignednorm.bench import format_data_result, format_result, run_bench, run_data_bench
     from alignednorm.clip_names import resolve_clip_path
+
+    if data:
+        from alignednorm.cli.options import ints
+        from alignednorm.engine.batches import usable_cpus
+
+        counts = ints([workers] if workers else None, "--workers") or tuple(range(usable_cpus() + 1))
+        if min(counts) < 0 or images < 1:
+            raise AlignedNormError("--workers needs counts >= 0 and --images a positive number")
+        first = int(classes.split(",")[0]) if classes.split(",")[0].strip().isdigit() else 50
+        result = run_data_bench(geometry, method, counts, images, batch, device, first)
+        typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_data_result(result))
+        return
 
     try:
         counts = tuple(int(c) for c in classes.split(",") if c.strip())

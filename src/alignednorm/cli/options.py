@@ -37,7 +37,8 @@ Output = Annotated[Path, typer.Option(help="runs folder")]
 Config = Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="YAML config merged over the presets")]
 Tag = Annotated[str | None, typer.Option(
     help="name of this config variant (run folder level; default: 'default', or a hash of --set/--config)")]
-Executor = Annotated[str, typer.Option(help="inline (this process), local (a process per job, one per GPU) or slurm")]
+Executor = Annotated[str, typer.Option(help="inline (this process), processes (parallel CPU processes, "
+                                              "--processes N), local (a process per job, one per GPU) or slurm")]
 
 
 class GreedyListCommand(TyperCommand):

@@ -59,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from safetensors.torch import load_file
@@ -66,6 +67,7 @@ from safetensors.torch import load_file
 from alignednorm import data as D
 from alignednorm.compat.official import convert_official_state
 from alignednorm.compat.parity import RUN_LEVEL_KIND, SECTIONS, build_report
+from alignednorm.config import build
 from alignednorm.engine.io import save_tensors, write_json
 from alignednorm.engine.run import execute, load_run
 from alignednorm.errors import AlignedNormError
@@ -313,7 +315,7 @@ def run_ours(fixture: Path, manifest: dict, work: Path) -> dict:
     full = D.few_shot_splits(D.load_splits(plan.dataset, str(data_root)), plan.shots, plan.seed, job.cache_dir)
     val = D.subsample_classes(full, plan.subset).val
     train_cfg = plan.config["train"]
-    val_loader = eval_loader(val, backbone, plan.config["data"]["eval_batch_size"], False) \
+    val_loader = eval_loader(val, backbone, build(plan.method, OmegaConf.create(plan.config))[2]) \
         if train_cfg["select"] == "best-val" else None
     recorder = EpochRecorder(plan.official_names, val_loader)
     run_spec = job.run_spec()

@@ -18,10 +18,10 @@ if TYPE_CHECKING:
     from .dataset import ImageListDataset, class_prompts
     from .fewshot import few_shot_indices, few_shot_splits, read_fewshot_index, sample_few_shot, sample_few_shot_indices
     from .items import DatasetSplits, Item
-    from .transforms import build_transform
+    from .transforms import TrainAugmentation, build_transform
 
 __all__ = [
-    "DatasetCheck", "DatasetSpec", "DatasetSplits", "ImageListDataset", "Item",
+    "DatasetCheck", "DatasetSpec", "DatasetSplits", "ImageListDataset", "Item", "TrainAugmentation",
     "build_transform", "check_data_root", "class_prompts", "expected_layout", "few_shot_indices", "few_shot_splits",
     "format_check", "get_dataset", "list_datasets", "load_splits", "read_fewshot_index", "read_split_json",
     "register_dataset", "resolve_data_root", "resolve_spec", "sample_few_shot", "sample_few_shot_indices",
@@ -37,7 +37,7 @@ _MODULE_OF = {
     "few_shot_indices": "fewshot", "few_shot_splits": "fewshot", "read_fewshot_index": "fewshot",
     "sample_few_shot": "fewshot", "sample_few_shot_indices": "fewshot",
     "subsample_classes": "base_new", "subset_labels": "base_new",
-    "build_transform": "transforms",
+    "build_transform": "transforms", "TrainAugmentation": "transforms",
     "ImageListDataset": "dataset", "class_prompts": "dataset",
 }
 

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from alignednorm.engine.batches import skip_none_collate  # noqa: F401  (re-exported: datasets pair with it)
+from alignednorm.engine.batches import SkippedImage, skip_none_collate  # noqa: F401  (re-exported)
 from alignednorm.errors import DataError
 
 from .items import Item
@@ -84,10 +84,12 @@ class ImageListDataset(Dataset):
 
     Args:
         items: the images and labels.
-        transform: applied to the RGB PIL image; None returns the image itself.
+        transform: applied to the RGB PIL image; None returns the image itself. A transform with
+            ``plan``/``augment`` (:class:`~alignednorm.data.transforms.TrainAugmentation`) is applied with
+            the plan that comes with the index: ``dataset[(index, plan)]`` (see :meth:`plan`).
         skip_corrupt: when False, an unreadable image raises a :class:`DataError` naming it; when
-            True, the next readable item is returned instead and the bad path is added to
-            ``skipped``. With a multi-worker ``DataLoader`` each worker keeps its own ``skipped``.
+            True, a :class:`SkippedImage` is returned instead, which the loaders drop from the batch and
+            count in ``skipped`` (``engine.batches``).
     """
 
     def __init__(self, items: Sequence[Item], transform: Callable | None = None, skip_corrupt: bool = False):
@@ -95,17 +97,32 @@ class ImageListDataset(Dataset):
         self.transform = transform
         self.skip_corrupt = skip_corrupt
         self.skipped: set[str] = set()
+        self.decoded: list[Image.Image | None] | None = None  # see preload()
+        self._sizes: dict[int, tuple[int, int] | None] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
+        index, plan = index if isinstance(index, tuple) else (index, None)
         if not -len(self.items) <= index < len(self.items):
             # Plain iteration over a Dataset stops at IndexError, so never wrap an out-of-range index.
             raise IndexError(f"index {index} out of range for {len(self.items)} images")
+        image = self._image(index)
+        if isinstance(image, SkippedImage):
+            return image
+        if self.transform is None:
+            return image, self.items[index].label
+        out = self.transform.augment(image, plan) if plan is not None else self.transform(image)
+        return out, self.items[index].label
+
+    def _image(self, index: int):
+        if self.decoded is not None:
+            image = self.decoded[index]
+            return SkippedImage(self.items[index].impath) if image is None else image
         item = self.items[index]
         try:
-            image = load_rgb(item.impath)
+            return load_rgb(item.impath)
         except (OSError, ValueError, Image.DecompressionBombError, DataError) as exc:
             if not self.skip_corrupt:
                 # to_rgb's own errors already name the file and what was expected.
@@ -114,8 +131,61 @@ class ImageListDataset(Dataset):
                                 "or pass --skip-corrupt to skip unreadable images and count them") from None
             logger.warning("skipping unreadable image %s (%s)", item.impath, exc)
             self.skipped.add(item.impath)
-            return None  # dropped by skip_none_collate, so accuracies count only readable images
-        return (self.transform(image) if self.transform is not None else image), item.label
+            return SkippedImage(item.impath)  # dropped by the loaders, so accuracies count only readable images
+
+    def image_size(self, index: int) -> tuple[int, int] | None:
+        """``(width, height)`` of an image (its header is read once), None when unreadable."""
+        if index not in self._sizes:
+            if self.decoded is not None:
+                image = self.decoded[index]
+                self._sizes[index] = None if image is None else image.size
+            else:
+                try:
+                    with Image.open(self.items[index].impath) as image:
+                        self._sizes[index] = image.size
+                except (OSError, ValueError, Image.DecompressionBombError):
+                    self._sizes[index] = None
+        return self._sizes[index]
+
+    def plan(self, index: int, generator):
+        """``(index, plan)``: the random augmentation of one sample drawn from ``generator`` (``engine.batches``).
+
+        Only for a transform with ``plan``; an unreadable image draws nothing (it is skipped when read).
+        """
+        size = self.image_size(index)
+        return None if size is None else self.transform.plan(*size, generator)
+
+    @property
+    def plannable(self) -> bool:
+        return hasattr(self.transform, "plan")
+
+    def decoded_megabytes(self) -> float:
+        """Memory the decoded RGB images would take (from their headers)."""
+        sizes = [self.image_size(i) for i in range(len(self))]
+        return sum(w * h * 3 for w, h in filter(None, sizes)) / 2**20
+
+    def preload(self, budget_mb: float, workers: int = 0) -> bool:
+        """Decode every image once and keep it in memory when they fit in ``budget_mb``; returns whether it did.
+
+        The transform then works on the kept pixels: the same images, so the same numbers, without a
+        decode per epoch. Unreadable images are found (and skipped or refused) here.
+        """
+        if self.decoded is not None:
+            return True
+        if budget_mb <= 0 or self.decoded_megabytes() > budget_mb:
+            return False
+        raw = ImageListDataset(self.items, None, self.skip_corrupt)
+        if workers:
+            from torch.utils.data import DataLoader  # the decode itself in parallel; the order is kept
+
+            loader = DataLoader(raw, batch_size=None, num_workers=workers)
+            loaded = list(loader)
+        else:
+            loaded = [raw[i] for i in range(len(raw))]
+        self.decoded = [None if isinstance(x, SkippedImage) else x[0] for x in loaded]
+        self.skipped.update(x.path for x in loaded if isinstance(x, SkippedImage))
+        self._sizes.clear()
+        return True
 
     @property
     def num_skipped(self) -> int:

@@ -74,3 +74,6 @@ class ShardedBatches:
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)

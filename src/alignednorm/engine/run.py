@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from alignednorm.backbone.clip import ClipBackbone
 from alignednorm.config import build, load_run_config, run_config_from, to_yaml
 from alignednorm.engine import distributed
+from alignednorm.engine.batches import resolve_workers
 from alignednorm.engine.environment import environment
 from alignednorm.engine.io import (
     clean_stale_temp_files,
@@ -113,9 +114,9 @@ EXPORT_CONFIG = "alignednorm_config.json"
 COST_KEYS = ("seconds_per_iter", "peak_memory_mb", "seconds_per_batch", "batch_size")
 # Settings that change how a run is carried out or logged, never its numbers (beyond float rounding):
 # a run resumed with a compiled forward or a chunked text tower after running out of memory is the same run.
-NON_RESULT_KEYS = {"train": ("num_workers", "log_every", "tensorboard", "wandb_project", "compile", "text_chunk",
+NON_RESULT_KEYS = {"train": ("log_every", "tensorboard", "wandb_project", "compile", "text_chunk",
                              "eval_test_every_epoch"),
-                   "data": ("eval_batch_size",)}
+                   "data": ("eval_batch_size", "num_workers", "decoded_cache_mb")}
 
 
 def run_identity(spec: RunSpec) -> dict:
@@ -262,7 +263,7 @@ def execute(spec: RunSpec, prepare: Callable[[ClipBackbone], TrainingData], back
 
 
 def _execute(spec: RunSpec, prepare, run_dir: Path, backbone: ClipBackbone | None, identity: dict) -> dict:
-    method_cfg, train_cfg, _ = build(spec.method, spec.config)
+    method_cfg, train_cfg, data_cfg = build(spec.method, spec.config)
     seed_everything(train_cfg.seed)
     backbone = backbone or ClipBackbone.from_file(spec.clip, spec.clip_model)
     method = create_method(spec.method, backbone, method_cfg).to(next(backbone.parameters()).device)
@@ -272,8 +273,9 @@ def _execute(spec: RunSpec, prepare, run_dir: Path, backbone: ClipBackbone | Non
     if learns:
         method.set_trained_classnames(data.classnames, run_dir)
     main = distributed.is_main()
+    workers = resolve_workers(data_cfg.num_workers, next(backbone.parameters()).device)
     trainer = Trainer(method, train_cfg, run_dir, progress=spec.progress and main,
-                      epoch_callback=spec.epoch_callback) if learns else None
+                      epoch_callback=spec.epoch_callback, workers=workers) if learns else None
     if trainer is not None:
         trainer.try_resume()  # a damaged checkpoint stops here, before any file of the run is rewritten
     if main:

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.utils import get_total_norm
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from alignednorm.config import TrainConfig, compile_backends  # noqa: F401  (re-exported)
 from alignednorm.engine import distributed
-from alignednorm.engine.batches import skip_none_collate
+from alignednorm.engine.batches import Batches, EpochBatches, image_batches
 from alignednorm.engine.environment import peak_memory_mb
 from alignednorm.engine.io import load_tensors, save_torch
 from alignednorm.engine.tracking import RunTracker
@@ -87,10 +87,11 @@ class Trainer:
         epoch_callback: ``epoch_callback(trainer, epoch, terms)`` after every epoch (0-based ``epoch``,
             the epoch's mean loss terms), after validation and before the checkpoint: for observers
             such as run-level parity checks; it must leave the method's learned values alone.
+        workers: loader worker processes (``data.num_workers`` resolved); the numbers do not depend on it.
     """
 
     def __init__(self, method: Method, config: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
-                 epoch_callback=None):
+                 epoch_callback=None, workers: int = 0):
         self.method = method
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -112,6 +113,7 @@ class Trainer:
         self.best: dict | None = None
         self.tracker: RunTracker | None = None
         self.epoch_callback = epoch_callback
+        self.workers = workers
         if config.init_learnable:  # before any resume: a checkpoint's values win over the start values
             self.method.load_learnable_state_dict(load_tensors(config.init_learnable),
                                                   source=f"train.init_learnable {config.init_learnable}")
@@ -158,14 +160,13 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ loop
-    def _loader(self, dataset: Dataset, epoch: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        drop_last = len(dataset) >= self.config.batch_size  # as Dassl: never an empty epoch
-        batches = BatchSampler(RandomSampler(dataset, generator=generator), self.config.batch_size, drop_last)
+    def _loader(self, dataset: Dataset) -> Batches:
+        """One loader for every epoch (``set_epoch``): order and augmentation seeded by (seed, epoch)."""
+        plan = dataset.plan if getattr(dataset, "plannable", False) else None
+        batches = EpochBatches(len(dataset), self.config.batch_size, self.config.seed, plan)
         if distributed.is_distributed():  # every process draws the same order and keeps its slice
             batches = distributed.ShardedBatches(batches, distributed.world_size(), distributed.rank())
-        return DataLoader(dataset, batch_sampler=batches, num_workers=self.config.num_workers, generator=generator,
-                          collate_fn=skip_none_collate)
+        return image_batches(dataset, workers=self.workers, device=self.device, batch_sampler=batches, persistent=True)
 
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -198,13 +199,15 @@ class Trainer:
                                   start_step=self.global_step, config=asdict(self.config))
         last: dict = {}
         seconds, steps = 0.0, 0
+        loader = self._loader(dataset)
         # text_chunk holds while training (validation included), not in evaluations after it
         with self.method.backbone.text_options(text_chunk=self.config.text_chunk or None):
             try:
                 for epoch in range(self.start_epoch, self.config.epochs):
                     self.method.on_epoch_start(self.step_state(epoch, 0))
                     start, first_step = time.time(), self.global_step
-                    last = self._train_epoch(dataset, epoch)
+                    getattr(loader, "set_epoch", lambda _: None)(epoch)
+                    last = self._train_epoch(loader, epoch)
                     seconds, steps = seconds + time.time() - start, steps + self.global_step - first_step
                     self.method.on_epoch_end(self.step_state(epoch, 0))
                     if self.config.select == "best-val":
@@ -233,12 +236,12 @@ class Trainer:
     def step_state(self, epoch: int, step: int) -> StepState:
         return StepState(epoch=epoch, max_epochs=self.config.epochs, step=step, global_step=self.global_step)
 
-    def _train_epoch(self, dataset: Dataset, epoch: int) -> dict:
-        seed_everything(self.config.seed * 1_000 + epoch)  # augmentation RNG depends on (seed, epoch) only
+    def _train_epoch(self, loader: Batches, epoch: int) -> dict:
+        # The method's own draws depend on (seed, epoch) only; the augmentation has its generator (EpochBatches).
+        seed_everything(self.config.seed * 1_000 + epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at_epoch(self.config, epoch)
         self.method.train()
-        loader = self._loader(dataset, epoch)
         sums: dict[str, float] = {}
         start = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.config.epochs}", disable=None if self.progress else True,

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,8 +212,22 @@ def is_complete(root: str | os.PathLike, dataset: MiniDataset, seed: int = 0) ->
         return False
 
 
+def _write_dataset(root: str, name: str, seed: int) -> None:
+    dataset = get_mini(name)
+    folder = Path(root) / "mini" / dataset.folder
+    start = time.perf_counter()
+    if folder.exists():
+        shutil.rmtree(folder)
+    lists = _generate_dataset(dataset, folder, seed)
+    _write_json(folder / dataset.spec().split_file, lists)
+    _write_json(folder / _STAMP, _stamp(dataset, seed), indent=None)
+    log.info("mini world: wrote %s (%d images) in %.1f s", dataset.name,
+             sum(len(v) for k, v in lists.items() if k != "train" or not dataset.test_only),
+             time.perf_counter() - start)
+
+
 def generate_world(root: str | os.PathLike, seed: int = 0, overwrite: bool = False,
-                   names: list[str] | None = None) -> Path:
+                   names: list[str] | None = None, processes: int = 1) -> Path:
     """Write the mini datasets under ``root/mini`` in the CoOp layout (idempotent).
 
     A dataset whose stamp file matches (seed, world version, counts, classes) is skipped; anything
@@ -222,22 +238,19 @@ def generate_world(root: str | os.PathLike, seed: int = 0, overwrite: bool = Fal
         seed: world seed; the same seed gives the same pixels.
         overwrite: regenerate even complete datasets.
         names: only these catalog names (default: all of :data:`MINI_DATASETS`).
+        processes: render this many datasets at once, in separate processes (the same files).
 
     Returns:
         The folder ``root/mini``.
     """
     base = Path(root) / "mini"
-    for dataset in (get_mini(n) for n in names) if names else MINI_DATASETS:
-        if not overwrite and is_complete(root, dataset, seed):
-            continue
-        folder = base / dataset.folder
-        start = time.perf_counter()
-        if folder.exists():
-            shutil.rmtree(folder)
-        lists = _generate_dataset(dataset, folder, seed)
-        _write_json(folder / dataset.spec().split_file, lists)
-        _write_json(folder / _STAMP, _stamp(dataset, seed), indent=None)
-        log.info("mini world: wrote %s (%d images) in %.1f s", dataset.name,
-                 sum(len(v) for k, v in lists.items() if k != "train" or not dataset.test_only),
-                 time.perf_counter() - start)
+    todo = [d.name for d in ((get_mini(n) for n in names) if names else MINI_DATASETS)
+            if overwrite or not is_complete(root, d, seed)]
+    if processes > 1 and len(todo) > 1:  # datasets are independent: each is rendered from its own seed
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(processes, len(todo)), mp_context=context) as pool:
+            list(pool.map(_write_dataset, [str(root)] * len(todo), todo, [seed] * len(todo)))
+    else:
+        for name in todo:
+            _write_dataset(str(root), name, seed)
     return base

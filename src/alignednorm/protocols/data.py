@@ -13,11 +13,10 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from alignednorm import data as D
 from alignednorm.backbone.clip import ClipBackbone
-from alignednorm.engine.batches import skip_none_collate
+from alignednorm.engine.batches import Batches, image_batches, resolve_workers
 from alignednorm.engine.evaluate import evaluate
 from alignednorm.engine.feature_cache import cached_image_features
 from alignednorm.engine.run import TrainingData
@@ -49,25 +48,36 @@ def dataset_label_space(dataset: str, classnames, descriptions: str = "") -> Lab
     return LabelSpace(tuple(classnames), template, read_descriptions(path), str(path))
 
 
-def eval_loader(items, backbone: ClipBackbone, batch_size: int, skip_corrupt: bool) -> DataLoader:
-    """Un-augmented batches of ``items`` at the backbone's input size."""
+def eval_loader(items, backbone: ClipBackbone, data_cfg) -> Batches:
+    """Un-augmented batches of ``items`` at the backbone's input size, in order, with ``data.num_workers``."""
     transform = D.build_transform(backbone.image_size, train=False)
-    return DataLoader(D.ImageListDataset(items, transform, skip_corrupt=skip_corrupt), batch_size=batch_size,
-                      collate_fn=skip_none_collate)
+    device = next(backbone.parameters()).device
+    return image_batches(D.ImageListDataset(items, transform, skip_corrupt=data_cfg.skip_corrupt),
+                         batch_size=data_cfg.eval_batch_size, workers=resolve_workers(data_cfg.num_workers, device),
+                         device=device)
+
+
+def training_images(items, backbone: ClipBackbone, data_cfg) -> D.ImageListDataset:
+    """The augmented training images, decoded once and kept when they fit in ``data.decoded_cache_mb``."""
+    augmentation = D.TrainAugmentation(backbone.image_size, crop_scale=tuple(data_cfg.crop_scale),
+                                       hflip=data_cfg.hflip, random_resized_crop=data_cfg.random_resized_crop)
+    images = D.ImageListDataset(items, augmentation, skip_corrupt=data_cfg.skip_corrupt)
+    workers = resolve_workers(data_cfg.num_workers, next(backbone.parameters()).device)
+    if images.preload(data_cfg.decoded_cache_mb, workers):
+        log.info("%d training images decoded once and kept in memory", len(images))
+    return images
 
 
 def training_data(split: D.DatasetSplits, dataset: str, backbone: ClipBackbone, data_cfg) -> TrainingData:
     """What the engine trains on: ``split``'s classes, augmented training images, validation and solver batches."""
-    transform = D.build_transform(backbone.image_size, train=True, crop_scale=tuple(data_cfg.crop_scale),
-                                  hflip=data_cfg.hflip, random_resized_crop=data_cfg.random_resized_crop)
 
     def loader(items):
-        return eval_loader(items, backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt) if items else None
+        return eval_loader(items, backbone, data_cfg) if items else None
 
     return TrainingData(
         classnames=list(split.classnames), template=D.get_dataset(dataset).template,
         label_space=dataset_label_space(dataset, split.classnames, data_cfg.descriptions),
-        train=D.ImageListDataset(split.train, transform, skip_corrupt=data_cfg.skip_corrupt),
+        train=training_images(split.train, backbone, data_cfg),
         validate=validator(split, dataset, data_cfg) if split.val else None,
         solver_batches=lambda: (loader(split.train), loader(split.val)))
 
@@ -93,7 +103,7 @@ def evaluate_split(method: Method, split: D.DatasetSplits, dataset: str, rule: s
     """
     method.check_classnames(split.classnames, rule)
     method.set_label_space(dataset_label_space(dataset, split.classnames, data_cfg.descriptions))
-    loader = eval_loader(split.test, method.backbone, data_cfg.eval_batch_size, data_cfg.skip_corrupt)
+    loader = eval_loader(split.test, method.backbone, data_cfg)
     cached = cached_image_features(method.backbone, loader, feature_cache) \
         if feature_cache is not None and method.traits.frozen_image_features else None
     if cached is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-EXECUTORS = ("inline", "local", "slurm")
+EXECUTORS = ("inline", "processes", "local", "slurm")
 
 
 def _cli(flag: str, help_text: str, default=None):
@@ -33,6 +33,8 @@ class ExecutorOptions:
         account: SLURM account; ``qos`` its quality of service.
         slurm_args: extra ``sbatch`` options as ``key=value`` (e.g. ``constraint=a100``).
         gpu_ids: GPUs the local executor may use; None means every visible one.
+        processes: parallel processes of the ``processes`` executor (independent jobs on this machine's
+            CPU cores, each with its share of intra-op threads); 0 is one per usable core.
     """
 
     folder: str | None = None
@@ -46,3 +48,4 @@ class ExecutorOptions:
     qos: str | None = _cli("--qos", "SLURM quality of service")
     slurm_args: tuple[str, ...] = _cli("--slurm-arg", "extra sbatch option key=value (repeatable)", ())
     gpu_ids: tuple[int, ...] | None = None
+    processes: int = _cli("--processes", "parallel processes of --executor processes (0: one per CPU core)", 0)

@@ -1,6 +1,9 @@
 """Dispatching a list of jobs: in this process, as local processes, or as a SLURM job array.
 
 - ``inline``: one after the other in this process, sharing the loaded backbone (no submitit needed).
+- ``processes``: independent jobs in parallel processes on this machine (CPU sweeps: a small model's
+  step is dispatch-bound, so two one-thread jobs on two cores beat one two-thread job). Each process
+  loads its backbone once and runs the jobs it is handed; numbers are those of ``inline``.
 - ``local``: each job in its own process through ``submitit.LocalExecutor``: one job per visible GPU
   at a time, or one at a time on a CPU-only machine. Waits for all of them.
 - ``slurm``: one job array through ``submitit.SlurmExecutor`` (partition, GPUs, time, ...); returns
@@ -12,12 +15,15 @@ Finished runs are skipped in every mode, so re-submitting a partly finished swee
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignednorm.engine.batches import usable_cpus
 from alignednorm.errors import AlignedNormError
 
 from .executor import EXECUTORS, ExecutorOptions
@@ -63,6 +69,8 @@ def run_sweep(jobs: list[Job], executor: str = "inline", force: bool = False,
     folder = options.folder or str(Path(output or ".") / ".submitit")
     if executor == "inline":
         outcome = run_inline(todo, force)
+    elif executor == "processes":
+        outcome = run_processes(todo, force, options.processes)
     elif executor == "local":
         outcome = run_local(todo, folder, force, options)
     else:
@@ -90,6 +98,61 @@ def run_inline(jobs: list[Job], force: bool = False) -> SweepOutcome:
             log.error("%s failed:\n%s", job.name, traceback.format_exc())  # a bug: keep the traceback
             outcome.failed[job.name] = f"{type(exc).__name__}: {exc}"
     return outcome
+
+
+def run_processes(jobs: list[Job], force: bool = False, processes: int = 0) -> SweepOutcome:
+    """Run the jobs in ``processes`` parallel processes (0: one per usable CPU), threads shared out among them.
+
+    Jobs are handed out in the given order (put the longest first); a failing job is logged and the
+    others still run.
+    """
+    outcome = SweepOutcome()
+    if not jobs:
+        return outcome
+    cpus = usable_cpus()
+    count = max(1, min(processes or cpus, len(jobs)))
+    context = multiprocessing.get_context("spawn")  # a forked child of a process with live thread pools can hang
+    with ProcessPoolExecutor(count, mp_context=context, initializer=_start_process,
+                             initargs=(max(1, cpus // count),)) as pool:
+        pending = {pool.submit(_run_in_process, job, force): job for job in jobs}
+        for k, future in enumerate(as_completed(pending), 1):
+            job = pending[future]
+            summary, error = future.result()
+            if error is None:
+                progress_log.info("[%d/%d] finished %s: %s", k, len(jobs), job.name, summary)
+                outcome.finished.append(job.name)
+            else:
+                log.error("%s failed: %s", job.name, error)
+                outcome.failed[job.name] = error.splitlines()[-1] if "Traceback" in error else error
+    return outcome
+
+
+_PROCESS_BACKBONES: dict = {}
+
+
+def _start_process(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        import alignednorm.mini  # noqa: F401  (a fresh process must know the mini benchmark's datasets too)
+    except ImportError:
+        pass
+
+
+def _run_in_process(job: Job, force: bool) -> tuple[str, str | None]:
+    """``(accuracies, None)`` or ``("", error)``: one job in a :func:`run_processes` process."""
+    job.progress = False
+    key = (job.clip, job.clip_model, job.device)
+    try:
+        if key not in _PROCESS_BACKBONES:
+            _PROCESS_BACKBONES.clear()  # keep one backbone in memory
+            _PROCESS_BACKBONES[key] = load_backbone(job)
+        return accuracies(run_job(job, force=force, backbone=_PROCESS_BACKBONES[key])), None
+    except AlignedNormError as exc:
+        return "", str(exc)
+    except Exception:  # noqa: BLE001  (reported with its traceback; the sweep goes on)
+        return "", traceback.format_exc()
 
 
 def accuracies(results: dict[str, dict]) -> str:
