@@ -118,3 +118,15 @@ def test_mini_world_run_is_identical_with_workers(tmp_path):
         result = run_job(job)["mini_shapes"]["eval"]
         metrics[workers] = {name: (r["accuracy"], r["per_class_accuracy"]) for name, r in result.items()}
     assert metrics[0] == metrics[2] and set(metrics[0]) == {"base", "new"}
+
+
+def test_loader_settings_follow_the_device(images):
+    """Pinned memory and workers kept across epochs on CUDA only (building a loader touches no GPU)."""
+    from alignednorm.engine.batches import image_batches
+
+    data = ImageListDataset(images, TrainAugmentation(16))
+    for device, expected in (("cuda", True), ("cpu", False)):
+        loader = image_batches(data, workers=2, device=device, batch_sampler=EpochBatches(len(data), 2, 1, data.plan),
+                               persistent=True).loader
+        assert loader.pin_memory is expected and loader.persistent_workers is expected and loader.num_workers == 2
+    assert not image_batches(data, workers=0, device="cuda", batch_size=4, persistent=True).loader.persistent_workers
