@@ -84,3 +84,16 @@ def test_skipped_images_are_counted_whatever_the_workers(with_corrupt, workers):
 def test_class_prompts_replace_underscores():
     assert class_prompts(["Apply_Eye_Makeup", "tench"], "a photo of a person doing {}.") == [
         "a photo of a person doing Apply Eye Makeup.", "a photo of a person doing tench."]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_image_in_a_worker_fails_in_one_line(with_corrupt, workers):
+    """Without --skip-corrupt the error names the file in one line, whichever process read it."""
+    data = ImageListDataset(with_corrupt, build_transform(8, train=False))
+    with pytest.raises(DataError) as caught:
+        list(image_batches(data, batch_size=3, workers=workers, device="cpu"))
+    assert "truncated.jpg" in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value).startswith("cannot read image")
+    with pytest.raises(DataError) as caught:
+        ImageListDataset(with_corrupt, None).preload(budget_mb=1, workers=workers)
+    assert "truncated.jpg" in str(caught.value) and "\n" not in str(caught.value)

@@ -148,7 +148,7 @@ class ImageListDataset(Dataset):
         return self._sizes[index]
 
     def plan(self, index: int, generator):
-        """``(index, plan)``: the random augmentation of one sample drawn from ``generator`` (``engine.batches``).
+        """The random augmentation of one sample drawn from ``generator``; the loader passes ``(index, plan)``.
 
         Only for a transform with ``plan``; an unreadable image draws nothing (it is skipped when read).
         """
@@ -178,8 +178,10 @@ class ImageListDataset(Dataset):
         if workers:
             from torch.utils.data import DataLoader  # the decode itself in parallel; the order is kept
 
-            loader = DataLoader(raw, batch_size=None, num_workers=workers)
-            loaded = list(loader)
+            from alignednorm.engine.batches import worker_errors_in_one_line
+
+            with worker_errors_in_one_line():
+                loaded = list(DataLoader(raw, batch_size=None, num_workers=workers))
         else:
             loaded = [raw[i] for i in range(len(raw))]
         self.decoded = [None if isinstance(x, SkippedImage) else x[0] for x in loaded]

@@ -17,12 +17,16 @@ stream, no longer interleaved with the augmentation's).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from alignednorm.errors import AlignedNormError
 
 # Dassl's DATALOADER.NUM_WORKERS in the official configs (CoOp, CoCoOp, MaPLe, PromptSRC, MMRL++: 8).
 OFFICIAL_WORKERS = 8
@@ -143,10 +147,31 @@ class Batches:
 
     def __iter__(self):
         record = getattr(self.loader.dataset, "skipped", None)
-        for batch, skipped in self.loader:
-            if skipped and record is not None:
-                record.update(skipped)
-            yield batch
+        with worker_errors_in_one_line():
+            for batch, skipped in self.loader:
+                if skipped and record is not None:
+                    record.update(skipped)
+                yield batch
+
+
+@contextlib.contextmanager
+def worker_errors_in_one_line():
+    """A project error raised in a loader worker comes back as its own one line, not the worker's traceback.
+
+    (torch re-raises it in this process with "Caught X in DataLoader worker process N" and the
+    worker's traceback as its message.)
+    """
+    try:
+        yield
+    except AlignedNormError as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        last = re.compile(rf"^(?:[\w.]+\.)?{type(exc).__name__}: (.+)$")  # the traceback's last line
+        original = next((m.group(1) for m in map(last.match, reversed(text.splitlines())) if m), None)
+        if original is None:
+            raise
+        raise type(exc)(original) from None
 
 
 def image_batches(dataset: Dataset, *, workers: int, device: torch.device | str, batch_size: int | None = None,
