@@ -34,7 +34,8 @@ class ExecutorOptions:
         slurm_args: extra ``sbatch`` options as ``key=value`` (e.g. ``constraint=a100``).
         gpu_ids: GPUs the local executor may use; None means every visible one.
         processes: parallel processes of the ``processes`` executor (independent jobs on this machine's
-            CPU cores, each with its share of intra-op threads); 0 is one per usable core.
+            CPU cores, each with its share of intra-op threads); 0 is one per usable core (one process
+            when the jobs would run on a visible GPU: ``local`` spreads jobs over GPUs).
     """
 
     folder: str | None = None

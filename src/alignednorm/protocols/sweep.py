@@ -110,6 +110,9 @@ def run_processes(jobs: list[Job], force: bool = False, processes: int = 0) -> S
     if not jobs:
         return outcome
     cpus = usable_cpus()
+    if not processes and any(job.device != "cpu" for job in jobs) and _cuda_available():
+        log.info("--executor processes on a GPU machine runs one process (use --executor local: one per GPU)")
+        processes = 1
     count = max(1, min(processes or cpus, len(jobs)))
     context = multiprocessing.get_context("spawn")  # a forked child of a process with live thread pools can hang
     with ProcessPoolExecutor(count, mp_context=context, initializer=_start_process,
@@ -128,6 +131,12 @@ def run_processes(jobs: list[Job], force: bool = False, processes: int = 0) -> S
 
 
 _PROCESS_BACKBONES: dict = {}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _start_process(threads: int) -> None:
