@@ -128,6 +128,9 @@ def test_variant_names(tmp_path):
     assert variant_name("unified", None, ("method.inference=unified",)) == "unified"
     custom = variant_name(None, None, ("train.epochs=1",))
     assert custom.startswith("custom-") and custom != variant_name(None, None, ("train.epochs=2",))
+    # settings that never change a number name no variant: the same runs, the same folders
+    assert variant_name(None, None, ("data.num_workers=8", "train.log_every = 5")) == "default"
+    assert variant_name(None, None, ("train.epochs=1", "data.num_workers=8")) == custom
     yaml = tmp_path / "c.yaml"
     yaml.write_text("train: {epochs: 3}\n")
     assert variant_name(None, str(yaml), ()).startswith("custom-")

@@ -38,6 +38,7 @@ from alignednorm.engine.environment import resolve_device
 from alignednorm.engine.io import clean_stale_temp_files, write_json, write_text
 from alignednorm.engine.run import (
     COST_KEYS,
+    NON_RESULT_KEYS,
     RunLock,
     RunSpec,
     TrainedRun,
@@ -178,14 +179,25 @@ class EpochTest:
         trainer.tracker.log({"epoch": epoch + 1, "test_accuracy": result["accuracy"]}, trainer.global_step, "test")
 
 
+def setting_only(item: str) -> bool:
+    """Whether a ``--set key=value`` changes how runs are carried out, never their numbers (``NON_RESULT_KEYS``)."""
+    section, _, name = item.partition("=")[0].strip().partition(".")
+    return name in NON_RESULT_KEYS.get(section, ())
+
+
 def variant_name(tag: str | None, config_file: str | None, sets: tuple[str, ...] | list[str]) -> str:
-    """``tag`` when given, ``default`` without user config, else ``custom-<8 hex>`` of the user's config."""
+    """``tag`` when given, ``default`` without user config, else ``custom-<8 hex>`` of the user's config.
+
+    ``--set`` items of settings that never change a number (``data.num_workers``, ``train.log_every``, ...)
+    do not name a variant: such a sweep reuses and extends the runs without them.
+    """
     if config_file is not None and not Path(config_file).is_file():
         raise ConfigError(f"--config {config_file}: no such file (expected a YAML file of method/train/data settings)")
     if tag is not None:
         if not _TAG.match(tag):
             raise ConfigError(f"--tag {tag!r}: use letters, digits and . _ + - (it names a folder)")
         return tag
+    sets = [item for item in sets if not setting_only(item)]  # workers, logging: the same runs, the same folder
     if config_file is None and not sets:
         return "default"
     text = Path(config_file).read_text() if config_file is not None else ""
