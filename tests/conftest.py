@@ -51,6 +51,28 @@ def write_image(path: Path, shade: int = 0) -> Path:
     return path
 
 
+def self_parity_fixture(fixture: Path, manifest: dict, method, prompts: list[str], images, labels) -> dict:
+    """Complete a held-back-like fixture with our own outputs and run parity on it; returns those outputs.
+
+    For the tests that change a shared fixture's settings: the fixture folder holds the manifest and CLIP;
+    this writes the method's start values, the inputs and the outputs computed from them, so parity
+    checks that every setting is read from the manifest (not the official numbers).
+    """
+    from safetensors.torch import save_file
+
+    from alignednorm.compat.parity import compute_outputs, run_parity
+
+    save_file({"prompt_learner.ctx": method.context.ctx.detach().clone()}, str(fixture / "learnable.safetensors"))
+    save_file({"images": images, "labels": labels, "tokenized_prompts": method.backbone.tokenize(prompts)},
+              str(fixture / "inputs.safetensors"))
+    ours = compute_outputs(fixture, manifest)
+    save_file({k: v.detach().clone().contiguous() for k, v in ours.items() if not k.startswith("tokens.")},
+              str(fixture / "outputs.safetensors"))
+    report = run_parity(fixture)
+    assert report["ok"] and report["failed"] == []
+    return ours
+
+
 @pytest.fixture
 def data_root(tmp_path) -> Path:
     root = tmp_path / "data"

@@ -6,8 +6,8 @@ from open_clip import OPENAI_DATASET_MEAN
 from PIL import Image
 
 from alignednorm.data import ImageListDataset, Item, build_transform, class_prompts
-from alignednorm.data.dataset import SkippedImage, skip_none_collate
-from alignednorm.engine.batches import image_batches
+from alignednorm.data.dataset import SkippedImage
+from alignednorm.engine.batches import collate_readable, image_batches
 from alignednorm.errors import DataError
 
 
@@ -67,9 +67,10 @@ def test_skip_corrupt_drops_and_counts(with_corrupt):
     assert data[0] == SkippedImage(with_corrupt[0].impath) and isinstance(data[1], SkippedImage)
     assert data[2][1] == 2
     assert data.num_skipped == 2 and data.skipped == {with_corrupt[0].impath, with_corrupt[1].impath}
-    batch = skip_none_collate([data[i] for i in range(3)])
+    batch, skipped = collate_readable([data[i] for i in range(3)])
+    assert skipped == [with_corrupt[0].impath, with_corrupt[1].impath]
     assert batch[0].shape == (1, 3, 8, 8) and batch[1].tolist() == [2]
-    assert skip_none_collate([data[0], data[1]]) is None
+    assert collate_readable([data[0], data[1]])[0] is None
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -214,11 +214,11 @@ def test_parity_reads_every_setting_from_the_manifest(variant, shared_dir, tmp_p
     """Held-back-like fixtures (CSC, word init, mixed β, other epoch, NP, CW, A, widths, classes, batch)
     go through the same code. Their outputs are our own, so this checks that nothing is tied to
     fixture A's settings, not the official numbers (the shared fixtures do that)."""
-    from safetensors.torch import save_file
+    from conftest import self_parity_fixture
 
     from alignednorm.backbone.clip import ClipBackbone
     from alignednorm.backbone.tiny import make_tiny_clip, save_openai_state_dict
-    from alignednorm.compat.parity import compute_outputs, method_from_manifest, run_parity
+    from alignednorm.compat.parity import method_from_manifest
 
     manifest = json.loads((shared_dir / "reference" / "nemesis_pan_a" / "manifest.json").read_text())
     section = manifest["config"]["TRAINER.CoOpNemesis"]
@@ -238,15 +238,8 @@ def test_parity_reads_every_setting_from_the_manifest(variant, shared_dir, tmp_p
     name, config = method_from_manifest(manifest)
     method = create_method(name, ClipBackbone.from_file(fixture / "clip_tiny.safetensors"), config)
     method.set_classnames(manifest["class_names"])
-    save_file({"prompt_learner.ctx": method.context.ctx.detach().clone()}, str(fixture / "learnable.safetensors"))
     prompts = [f"{method.context.prompt_prefix} {c}." for c in manifest["class_names"]]
-    save_file({"images": torch.randn(3, 3, 32, 32), "labels": torch.tensor([4, 0, 2]),
-               "tokenized_prompts": method.backbone.tokenize(prompts)}, str(fixture / "inputs.safetensors"))
-    ours = compute_outputs(fixture, manifest)
-    save_file({k: v.detach().clone().contiguous() for k, v in ours.items() if not k.startswith("tokens.")},
-              str(fixture / "outputs.safetensors"))
-    report = run_parity(fixture)
-    assert report["ok"] and report["failed"] == []
+    ours = self_parity_fixture(fixture, manifest, method, prompts, torch.randn(3, 3, 32, 32), torch.tensor([4, 0, 2]))
     assert float(ours["schedule.omega"]) == omega_schedule(epoch, epochs)
     assert ours["pan.inference_logits"].shape == (3, 3, 5) and ours["pan.pos_list"].tolist() == positions
     if variant == "csc_mixed":

@@ -154,8 +154,7 @@ def test_parity_with_the_official_trainers(fixture, shared_dir):
     from alignednorm.compat.parity import run_parity
 
     path = shared_dir / "reference" / fixture
-    if not path.is_dir():
-        pytest.skip(f"{path} is not present")
+    assert path.is_dir(), f"{path}: the shared PLOT fixture is missing"
     report = run_parity(path)
     assert report["ok"], report["failed"]
     reference = json.loads((path / "manifest.json").read_text())["tensors"]["outputs.safetensors"]
@@ -167,13 +166,12 @@ def test_parity_reads_every_setting_from_the_manifest(variant, shared_dir, tmp_p
     """Held-back-like fixtures (other N, context length, position, epoch, ω_E, PUN+PAN, local features,
     CLIP geometry) go through the same code; outputs are our own, so this checks nothing is tied to
     fixture A's settings, not the official numbers (the shared fixtures do that)."""
-    from safetensors.torch import save_file
+    from conftest import self_parity_fixture
 
-    from alignednorm.compat.parity import compute_outputs, method_from_manifest, run_parity
+    from alignednorm.compat.parity import method_from_manifest
 
     source = shared_dir / "reference" / "plot_nemesis_a"
-    if not source.is_dir():
-        pytest.skip(f"{source} is not present")
+    assert source.is_dir(), f"{source}: the shared PLOT+Nemesis fixture is missing"
     manifest = json.loads((source / "manifest.json").read_text())
     section = manifest["config"]["TRAINER.PLOTNemesis"]
     if variant == "sets2_middle_spatial_mixed":
@@ -197,15 +195,8 @@ def test_parity_reads_every_setting_from_the_manifest(variant, shared_dir, tmp_p
     assert config["local_features"] == ("spatial" if spatial else "all")
     method = create_method(name, ClipBackbone.from_file(fixture / "clip_tiny.safetensors"), config)
     method.set_classnames(manifest["class_names"])
-    save_file({"prompt_learner.ctx": method.context.ctx.detach().clone()}, str(fixture / "learnable.safetensors"))
     prompts = [f"{method.context.prompt_prefix} {c}." for c in manifest["class_names"]] * section["N"]
-    save_file({"images": torch.randn(3, 3, 64, 64), "labels": torch.tensor([3, 0, 2]),
-               "tokenized_prompts": method.backbone.tokenize(prompts)}, str(fixture / "inputs.safetensors"))
-    ours = compute_outputs(fixture, manifest)
-    save_file({k: v.detach().clone().contiguous() for k, v in ours.items() if not k.startswith("tokens.")},
-              str(fixture / "outputs.safetensors"))
-    report = run_parity(fixture)
-    assert report["ok"] and report["failed"] == []
+    ours = self_parity_fixture(fixture, manifest, method, prompts, torch.randn(3, 3, 64, 64), torch.tensor([3, 0, 2]))
     assert float(ours["schedule.omega"]) == omega_schedule(epoch, epochs)
     assert ours["after_step.prompt_learner.ctx"].shape == (section["N"], section["N_CTX"], 64)
     assert ours["pan.inference_logits"].shape == (len(positions) + 1, 3, 4)

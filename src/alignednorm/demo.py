@@ -60,14 +60,19 @@ def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", m
 
 def longest_first(jobs: list) -> list:
     """Jobs by their training steps, most first (a zero-shot run trains none), so parallel processes end together."""
+    from functools import cache
+
     from alignednorm import data as D
     from alignednorm.methods import get_method_class
+
+    @cache  # one read of each dataset's split file, whatever the number of methods
+    def classes(dataset: str, data_root: str, subset: str) -> int:
+        return len(D.subsample_classes(D.load_splits(dataset, data_root), subset).classnames)
 
     def steps(job) -> float:
         if not get_method_class(job.method).traits.learns:
             return 0.0
-        classes = len(D.subsample_classes(D.load_splits(job.dataset, job.data_root), job.train_subset).classnames)
         train = job.config["train"]
-        return train["epochs"] * classes * job.shots / train["batch_size"]
+        return train["epochs"] * classes(job.dataset, job.data_root, job.train_subset) * job.shots / train["batch_size"]
 
     return sorted(jobs, key=steps, reverse=True)

@@ -113,13 +113,18 @@ def _nemesis_records(method, step, images, labels, positions) -> dict:
     return rec
 
 
-def _train(method, manifest, images, labels, start: dict, names: dict, positions) -> dict:
+def start_training_record(method, start: dict) -> tuple[dict, Traces]:
+    """The method at the fixture's start values in train mode: its starting per-position norms and a fresh trace."""
     method.load_learnable_state_dict(start)
     method.train()
-    param = method.context.ctx
     norm = getattr(method.config, "norm", "l2")
-    rec = {"norms.per_position_start": logged_position_norms(param, norm)}
-    trace = Traces(image=Trace(), text=Trace())
+    return {"norms.per_position_start": logged_position_norms(method.context.ctx, norm)}, \
+        Traces(image=Trace(), text=Trace())
+
+
+def _train(method, manifest, images, labels, start: dict, names: dict, positions) -> dict:
+    rec, trace = start_training_record(method, start)
+    param, norm = method.context.ctx, getattr(method.config, "norm", "l2")
     if method.name == "nemesis":
         step = method.compute_step(images, labels, state=_start(manifest), positions=positions, trace=trace)
     else:  # plain CoOp: the same record with CE only

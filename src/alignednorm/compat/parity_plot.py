@@ -20,9 +20,16 @@ from pathlib import Path
 
 import torch
 
-from alignednorm.backbone.hooks import Trace, Traces
+from alignednorm.backbone.hooks import Traces
 from alignednorm.compat.parity import build_report, compare, fixture_start, fixture_threads, read_manifest
-from alignednorm.compat.parity_nemesis import _coop_config, _nemesis_config, _positions, _start, compare_fixture
+from alignednorm.compat.parity_nemesis import (
+    _coop_config,
+    _nemesis_config,
+    _positions,
+    _start,
+    compare_fixture,
+    start_training_record,
+)
 from alignednorm.losses.nemesis import logged_position_norms, matrix_norm, pan_weights
 
 # Official config section -> our method.
@@ -120,12 +127,8 @@ def _evaluate(method, images, prefix: str) -> dict:
 
 
 def _train(method, manifest, images, labels, start: dict, names: dict, positions) -> dict:
-    method.load_learnable_state_dict(start)
-    method.train()
-    param = method.context.ctx
-    norm = getattr(method.config, "norm", "l2")
-    rec = {"norms.per_position_start": logged_position_norms(param, norm)}
-    trace = Traces(image=Trace(), text=Trace())
+    rec, trace = start_training_record(method, start)
+    param, norm = method.context.ctx, getattr(method.config, "norm", "l2")
     if method.name == "plot_nemesis":
         step = method.compute_step(images, labels, state=_start(manifest), positions=positions, trace=trace)
         outputs, loss = step.outputs, step.terms["loss"]

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from alignednorm.engine.batches import SkippedImage, skip_none_collate  # noqa: F401  (re-exported)
+from alignednorm.engine.batches import SkippedImage
 from alignednorm.errors import DataError
 
 from .items import Item

@@ -45,11 +45,6 @@ def collate_readable(samples):
     return (default_collate(kept) if kept else None), skipped
 
 
-def skip_none_collate(batch):
-    """``default_collate`` without the entries of skipped samples; ``None`` if nothing is left."""
-    return collate_readable(batch)[0]
-
-
 def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
