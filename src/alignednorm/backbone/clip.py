@@ -25,6 +25,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
 from alignednorm.backbone import eva
+from alignednorm.backbone.blocks import lean_applies, run_block
 from alignednorm.backbone.chunks import encode_text_in_chunks
 from alignednorm.backbone.hooks import Prefix, PromptHook, PromptState, Trace, splice
 from alignednorm.backbone.loading import load_clip
@@ -425,12 +426,15 @@ class ClipBackbone(nn.Module):
     def _block(block: nn.Module, x: Tensor, mask: Tensor | None, layer: int, trace: Trace | None) -> Tensor:
         """One pre-norm residual block: ``x + attn(ln_1 x)``, then ``x + mlp(ln_2 x)``."""
         want_weights = trace is not None and layer in trace.attention_layers
-        h = block.ln_1(x)
-        attn_out, weights = block.attn(
-            h, h, h, need_weights=want_weights, attn_mask=mask, average_attn_weights=False
-        )
-        x = x + block.ls_1(attn_out)
-        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        if not want_weights and lean_applies(block, x, mask):
+            x, attn_out = run_block(block, x, mask)  # the same arithmetic, fewer dispatches
+        else:
+            h = block.ln_1(x)
+            attn_out, weights = block.attn(
+                h, h, h, need_weights=want_weights, attn_mask=mask, average_attn_weights=False
+            )
+            x = x + block.ls_1(attn_out)
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
         if trace is not None and trace.keeps(layer):
             if trace.record_hidden:
                 trace.hidden[layer] = x

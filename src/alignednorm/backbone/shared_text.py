@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignednorm.backbone.blocks import linear, mlp, norm, scale
 from alignednorm.backbone.hooks import LayerPrompt, PromptHook, PromptState, splice
 
 BlockFn = Callable[[nn.Module, Tensor, int], Tensor]
@@ -83,16 +84,20 @@ def shared_attention(attn: nn.MultiheadAttention, shared: Tensor, rest: Tensor) 
 
     def merge(o: Tensor) -> Tensor:
         b, _, t, _ = o.shape
-        return attn.out_proj(o.transpose(1, 2).reshape(b, t, -1))
+        return linear(attn.out_proj, o.transpose(1, 2).reshape(b, t, -1))
 
     return merge(out_s), merge(out_r)
 
 
 def shared_block(block: nn.Module, shared: Tensor, rest: Tensor) -> tuple[Tensor, Tensor]:
     """One pre-norm residual block (as ``ClipBackbone._block``) on the split sequence."""
-    attn_s, attn_r = shared_attention(block.attn, block.ln_1(shared), block.ln_1(rest))
-    shared, rest = shared + block.ls_1(attn_s), rest + block.ls_1(attn_r)
-    return shared + block.ls_2(block.mlp(block.ln_2(shared))), rest + block.ls_2(block.mlp(block.ln_2(rest)))
+    attn_s, attn_r = shared_attention(block.attn, norm(block.ln_1, shared), norm(block.ln_1, rest))
+    shared, rest = shared + scale(block.ls_1, attn_s), rest + scale(block.ls_1, attn_r)
+
+    def feed_forward(x: Tensor) -> Tensor:
+        return scale(block.ls_2, mlp(block.mlp, norm(block.ln_2, x)))
+
+    return shared + feed_forward(shared), rest + feed_forward(rest)
 
 
 def run_shared(x: Tensor, shared: int, blocks, hook: PromptHook | None, state: PromptState, start_layer: int,
