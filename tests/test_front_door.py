@@ -171,7 +171,8 @@ def test_list_options_take_commas_or_spaces_everywhere(tmp_path, monkeypatch):
 
     assert split_values(["a,b", "c"]) == split_values(["a b c"]) == ["a", "b", "c"]
     calls = {}
-    monkeypatch.setattr("alignednorm.mini.generate_world", lambda root, names: calls.update(root=root, names=names))
+    monkeypatch.setattr("alignednorm.mini.generate_world",
+                        lambda root, names, processes=1: calls.update(root=root, names=names))
     monkeypatch.setenv("DATA_ROOT", str(tmp_path / "d"))
     _cli("mini", "generate", "--datasets", "mini_shapes", "mini_textures")
     assert calls == {"root": tmp_path / "d", "names": ["mini_shapes", "mini_textures"]}

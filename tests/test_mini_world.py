@@ -107,6 +107,15 @@ def test_split_reads_with_the_coop_reader(tmp_path):
     assert len(splits.test) == len(dataset.classes) * dataset.counts[2]
 
 
+def test_a_missing_mini_dataset_says_how_to_render_it(tmp_path):
+    from alignednorm.data.coop_layout import load_splits
+    from alignednorm.errors import DataError
+
+    generate_world(tmp_path, names=["mini_counts"])  # the demo renders only the datasets it runs
+    with pytest.raises(DataError, match=rf"mini_shapes.*alignednorm mini generate --data-root {tmp_path}"):
+        load_splits("mini_shapes", tmp_path)
+
+
 def test_capture_conditions():
     image = Image.fromarray(np.full((SIZE, SIZE, 3), (200, 40, 40), dtype=np.uint8))  # a red patch
     rng = np.random.default_rng(0)

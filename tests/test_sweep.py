@@ -1,6 +1,7 @@
 """Sweeps through submitit: local processes, a SLURM job array (with a stand-in sbatch), and failures."""
 
 import json
+import multiprocessing
 import os
 import stat
 import sys
@@ -12,7 +13,7 @@ from alignednorm.backbone.tiny import make_tiny_clip, save_openai_state_dict
 from alignednorm.errors import AlignedNormError
 from alignednorm.protocols import expand
 from alignednorm.protocols.runner import SweepRequest
-from alignednorm.protocols.sweep import ExecutorOptions, run_sweep, slurm_parameters
+from alignednorm.protocols.sweep import ExecutorOptions, process_context, run_sweep, slurm_parameters
 
 submitit = pytest.importorskip("submitit")
 
@@ -110,6 +111,8 @@ def test_processes_executor_matches_inline_and_reports_failures(json_dataset, cl
         assert sorted(outcome.finished) == sorted(j.name for j in jobs[:2])
         assert list(outcome.failed) == [jobs[2].name] and "missing" in outcome.failed[jobs[2].name]
         assert "\n" not in outcome.failed[jobs[2].name]
+        if executor == "processes" and "forkserver" in multiprocessing.get_all_start_methods():
+            assert process_context().get_start_method() == "forkserver"  # imports once, not per process
         results[executor] = {j.seed: json.loads((Path(j.evals[0].run_dir) / "metrics.json").read_text())["eval"]
                              for j in jobs[:2]}
     for seed, evals in results["inline"].items():

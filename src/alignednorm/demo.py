@@ -25,7 +25,7 @@ def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", m
     from alignednorm.protocols import expand
     from alignednorm.protocols.executor import ExecutorOptions
     from alignednorm.protocols.runner import SweepRequest
-    from alignednorm.protocols.sweep import run_sweep
+    from alignednorm.protocols.sweep import run_sweep, start_process_server
     from alignednorm.protocols.tables import build_report
     from alignednorm.results import render_all
 
@@ -35,9 +35,8 @@ def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", m
                                "`python -m alignednorm.mini.pretrain` to rebuild it")
     start = time.time()
     processes = usable_cpus()  # independent runs, one per core: a tiny model's step is dispatch-bound
-    echo(f"generating the mini world under {Path(data_root) / 'mini'} (skipped when present) ...")
-    generate_world(data_root, names=list(datasets) if datasets else None, processes=processes)
-    echo(f"world ready in {time.time() - start:.0f} s")
+    if processes > 1:
+        start_process_server()  # its one import of the package runs beside the rendering
     jobs = []
     for method in methods:
         request = SweepRequest(method=method, data_root=str(data_root), clip=str(clip), output=str(output),
@@ -45,6 +44,10 @@ def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", m
                                sets=tuple(sets))
         jobs += expand("base2new", request)
         echo(f"{method}: {sum(job.method == method for job in jobs)} datasets")
+    used = sorted({job.dataset for job in jobs})  # the shifted test sets wait for `alignednorm mini generate`
+    echo(f"generating {len(used)} mini datasets under {Path(data_root) / 'mini'} (skipped when present) ...")
+    generate_world(data_root, names=used, processes=processes)
+    echo(f"world ready in {time.time() - start:.0f} s")
     executor = "processes" if processes > 1 else "inline"
     echo(f"running {len(jobs)} runs" + (f" in {processes} processes ..." if processes > 1 else " ..."))
     outcome = run_sweep(longest_first(jobs), executor, force=force, options=ExecutorOptions(processes=processes))

@@ -310,11 +310,12 @@ def mini_generate_cmd(data_root: GeneratedRoot = None, datasets: MiniDatasets = 
 
     Then any command takes `--data-root DATA_ROOT --clip mini --dataset mini_shapes` (or `--suite mini`).
     """
+    from alignednorm.engine.batches import usable_cpus
     from alignednorm.mini import generate_world
 
     root = _generated_root(data_root)
     try:
-        generate_world(root, names=split_values(datasets) or None)
+        generate_world(root, names=split_values(datasets) or None, processes=usable_cpus())
     except KeyError as exc:
         raise AlignedNormError(str(exc.args[0])) from None
     typer.echo(f"mini world ready under {root / 'mini'}; use --data-root {root} --clip mini")

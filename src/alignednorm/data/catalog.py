@@ -29,6 +29,7 @@ class DatasetSpec:
         num_classes: expected number of classes (for ``datasets check``).
         test_only: True for datasets that only have a test set (ImageNet variants).
         suites: names of the benchmark suites the dataset belongs to.
+        obtain: how to get the files, said when the dataset's folder is missing (``{root}``: the data root).
     """
 
     name: str
@@ -41,6 +42,7 @@ class DatasetSpec:
     num_classes: int | None = None
     test_only: bool = False
     suites: tuple[str, ...] = field(default_factory=tuple)
+    obtain: str = ""
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}

@@ -198,7 +198,8 @@ def load_splits(name_or_spec: str | DatasetSpec, data_root: str | os.PathLike | 
     spec = resolve_spec(name_or_spec)
     dataset_dir = os.path.join(root, spec.folder)
     if not os.path.isdir(dataset_dir):
-        raise DataError(f"dataset {spec.name!r}: folder {dataset_dir} not found. Expected layout:\n"
+        obtain = f" {spec.obtain.format(root=root)}." if spec.obtain else ""
+        raise DataError(f"dataset {spec.name!r}: folder {dataset_dir} not found.{obtain} Expected layout:\n"
                         f"{expected_layout(spec)}")
     fields = {"name": spec.name, "data_root": root, "dataset_dir": dataset_dir}
     try:

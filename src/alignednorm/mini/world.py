@@ -87,7 +87,11 @@ class MiniDataset:
         suites = ("mini", "mini_dg") if self.test_only else ("mini",)
         return DatasetSpec(self.name, self.dassl_name, f"mini/{self.folder}", "images", reader="split_json",
                            split_file=f"split_mini_{self.folder}.json", template=self.template,
-                           num_classes=len(self.classes), test_only=self.test_only, suites=suites)
+                           num_classes=len(self.classes), test_only=self.test_only, suites=suites,
+                           obtain=_OBTAIN)
+
+
+_OBTAIN = "Render it with `alignednorm mini generate --data-root {root}` (datasets already there are kept)"
 
 
 def _sorted(classes: list[tuple[str, tuple]]) -> tuple[tuple[str, tuple], ...]:

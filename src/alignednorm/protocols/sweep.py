@@ -114,8 +114,7 @@ def run_processes(jobs: list[Job], force: bool = False, processes: int = 0) -> S
         log.info("--executor processes on a GPU machine runs one process (use --executor local: one per GPU)")
         processes = 1
     count = max(1, min(processes or cpus, len(jobs)))
-    context = multiprocessing.get_context("spawn")  # a forked child of a process with live thread pools can hang
-    with ProcessPoolExecutor(count, mp_context=context, initializer=_start_process,
+    with ProcessPoolExecutor(count, mp_context=process_context(), initializer=_start_process,
                              initargs=(max(1, cpus // count),)) as pool:
         pending = {pool.submit(_run_in_process, job, force): job for job in jobs}
         for k, future in enumerate(as_completed(pending), 1):
@@ -131,6 +130,30 @@ def run_processes(jobs: list[Job], force: bool = False, processes: int = 0) -> S
 
 
 _PROCESS_BACKBONES: dict = {}
+# What a job process needs, imported once by the fork server instead of by every process (seconds each).
+_PRELOAD = ["alignednorm.protocols.runner", "alignednorm.mini"]
+
+
+def process_context():
+    """Job processes forked from a fork server that imported the package once; ``spawn`` where there is none.
+
+    A plain ``fork`` of the calling process could hang when its thread pools have run; the server is a
+    fresh single-threaded process, and ``spawn`` would import torch and open_clip again in every job process.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)  # effective when the server starts (the first pool)
+    return context
+
+
+def start_process_server() -> None:
+    """Start the fork server now, so that its imports overlap other work (e.g. rendering the mini world)."""
+    context = process_context()
+    if context.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 def _cuda_available() -> bool:
