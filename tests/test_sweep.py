@@ -12,8 +12,9 @@ import pytest
 from alignednorm.backbone.tiny import make_tiny_clip, save_openai_state_dict
 from alignednorm.errors import AlignedNormError
 from alignednorm.protocols import expand
+from alignednorm.protocols.executor import process_context
 from alignednorm.protocols.runner import SweepRequest
-from alignednorm.protocols.sweep import ExecutorOptions, process_context, run_sweep, slurm_parameters
+from alignednorm.protocols.sweep import ExecutorOptions, run_sweep, slurm_parameters
 
 submitit = pytest.importorskip("submitit")
 

@@ -20,12 +20,18 @@ def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", m
              datasets: tuple[str, ...] | None = None, force: bool = False, progress: bool = True, echo=print,
              sets: tuple[str, ...] = ()) -> str:
     """Run the demo; returns the Markdown table it printed."""
-    from alignednorm.engine.batches import usable_cpus
+    from alignednorm.engine.cpus import usable_cpus
+    from alignednorm.protocols.executor import ExecutorOptions, start_process_server
+
+    start = time.time()
+    processes = usable_cpus()  # independent runs, one per core: a tiny model's step is dispatch-bound
+    if processes > 1:
+        start_process_server()  # its one import of torch and the package runs beside ours and the rendering
+
     from alignednorm.mini import generate_world, mini_clip_path
     from alignednorm.protocols import expand
-    from alignednorm.protocols.executor import ExecutorOptions
     from alignednorm.protocols.runner import SweepRequest
-    from alignednorm.protocols.sweep import run_sweep, start_process_server
+    from alignednorm.protocols.sweep import run_sweep
     from alignednorm.protocols.tables import build_report
     from alignednorm.results import render_all
 
@@ -33,10 +39,6 @@ def run_demo(output: str | Path = "runs/demo", data_root: str | Path = "data", m
     if not clip.is_file():
         raise AlignedNormError(f"the mini CLIP checkpoint {clip} is missing; reinstall alignednorm or run "
                                "`python -m alignednorm.mini.pretrain` to rebuild it")
-    start = time.time()
-    processes = usable_cpus()  # independent runs, one per core: a tiny model's step is dispatch-bound
-    if processes > 1:
-        start_process_server()  # its one import of the package runs beside the rendering
     jobs = []
     for method in methods:
         request = SweepRequest(method=method, data_root=str(data_root), clip=str(clip), output=str(output),

@@ -310,7 +310,7 @@ def mini_generate_cmd(data_root: GeneratedRoot = None, datasets: MiniDatasets = 
 
     Then any command takes `--data-root DATA_ROOT --clip mini --dataset mini_shapes` (or `--suite mini`).
     """
-    from alignednorm.engine.batches import usable_cpus
+    from alignednorm.engine.cpus import usable_cpus
     from alignednorm.mini import generate_world
 
     root = _generated_root(data_root)
@@ -401,7 +401,7 @@ def bench_cmd(
 
     if data:
         from alignednorm.cli.options import ints
-        from alignednorm.engine.batches import usable_cpus
+        from alignednorm.engine.cpus import usable_cpus
 
         counts = ints([workers] if workers else None, "--workers") or tuple(range(usable_cpus() + 1))
         if min(counts) < 0 or images < 1:

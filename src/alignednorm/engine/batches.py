@@ -18,7 +18,6 @@ stream, no longer interleaved with the augmentation's).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Callable
 from typing import NamedTuple
@@ -26,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from alignednorm.engine.cpus import usable_cpus
 from alignednorm.errors import AlignedNormError
 
 # Dassl's DATALOADER.NUM_WORKERS in the official configs (CoOp, CoCoOp, MaPLe, PromptSRC, MMRL++: 8).
@@ -43,13 +43,6 @@ def collate_readable(samples):
     skipped = [s.path for s in samples if isinstance(s, SkippedImage)]
     kept = [s for s in samples if s is not None and not isinstance(s, SkippedImage)]
     return (default_collate(kept) if kept else None), skipped
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def default_workers(device: torch.device | str, cpus: int | None = None) -> int:

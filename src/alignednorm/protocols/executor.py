@@ -6,6 +6,7 @@ without importing the runner (and torch).
 
 from __future__ import annotations
 
+import multiprocessing
 from dataclasses import dataclass, field
 
 EXECUTORS = ("inline", "processes", "local", "slurm")
@@ -50,3 +51,29 @@ class ExecutorOptions:
     slurm_args: tuple[str, ...] = _cli("--slurm-arg", "extra sbatch option key=value (repeatable)", ())
     gpu_ids: tuple[int, ...] | None = None
     processes: int = _cli("--processes", "parallel processes of --executor processes (0: one per CPU core)", 0)
+
+
+# What a job process needs, imported once by the fork server instead of by every process (seconds each).
+_PRELOAD = ["alignednorm.protocols.runner", "alignednorm.mini"]
+
+
+def process_context():
+    """Job processes forked from a fork server that imported the package once; ``spawn`` where there is none.
+
+    A plain ``fork`` of the calling process could hang when its thread pools have run; the server is a
+    fresh single-threaded process, and ``spawn`` would import torch and open_clip again in every job process.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)  # effective when the server starts (the first pool)
+    return context
+
+
+def start_process_server() -> None:
+    """Start the fork server now, so that its imports overlap other work (e.g. rendering the mini world)."""
+    context = process_context()
+    if context.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()

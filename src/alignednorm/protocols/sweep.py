@@ -15,7 +15,6 @@ Finished runs are skipped in every mode, so re-submitting a partly finished swee
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import time
 import traceback
@@ -23,10 +22,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignednorm.engine.batches import usable_cpus
+from alignednorm.engine.cpus import usable_cpus
 from alignednorm.errors import AlignedNormError
 
-from .executor import EXECUTORS, ExecutorOptions
+from .executor import EXECUTORS, ExecutorOptions, process_context
 from .runner import Job, is_finished, load_backbone, run_job
 
 log = logging.getLogger(__name__)
@@ -130,30 +129,6 @@ def run_processes(jobs: list[Job], force: bool = False, processes: int = 0) -> S
 
 
 _PROCESS_BACKBONES: dict = {}
-# What a job process needs, imported once by the fork server instead of by every process (seconds each).
-_PRELOAD = ["alignednorm.protocols.runner", "alignednorm.mini"]
-
-
-def process_context():
-    """Job processes forked from a fork server that imported the package once; ``spawn`` where there is none.
-
-    A plain ``fork`` of the calling process could hang when its thread pools have run; the server is a
-    fresh single-threaded process, and ``spawn`` would import torch and open_clip again in every job process.
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)  # effective when the server starts (the first pool)
-    return context
-
-
-def start_process_server() -> None:
-    """Start the fork server now, so that its imports overlap other work (e.g. rendering the mini world)."""
-    context = process_context()
-    if context.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
 
 
 def _cuda_available() -> bool:
