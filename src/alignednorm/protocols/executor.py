@@ -1,4 +1,5 @@
-"""How a sweep's jobs run: the executor options (:mod:`.sweep` runs them; ``alignednorm run`` exposes them).
+"""How a sweep's jobs run: the executor options (:mod:`.sweep` runs them; ``alignednorm run`` exposes them)
+and how its job processes start.
 
 Kept apart from :mod:`.sweep` so that the command line can declare its options from these fields
 without importing the runner (and torch).
