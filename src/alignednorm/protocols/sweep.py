@@ -78,16 +78,22 @@ def run_sweep(jobs: list[Job], executor: str = "inline", force: bool = False,
     return outcome
 
 
+def shared_backbone(job: Job, loaded: dict):
+    """``job``'s backbone from ``loaded``, loaded there first when the previous job used another (one kept)."""
+    key = (job.clip, job.clip_model, job.device)
+    if key not in loaded:
+        loaded.clear()
+        loaded[key] = load_backbone(job)
+    return loaded[key]
+
+
 def run_inline(jobs: list[Job], force: bool = False) -> SweepOutcome:
     """Run the jobs here, one by one; a failing job is logged and the others still run."""
     outcome, backbones = SweepOutcome(), {}
     for k, job in enumerate(jobs, 1):
         progress_log.info("[%d/%d] started %s", k, len(jobs), job.name)
-        key = (job.clip, job.clip_model, job.device)
         try:
-            if key not in backbones:
-                backbones = {key: load_backbone(job)}  # keep one backbone in memory
-            results = run_job(job, force=force, backbone=backbones[key])
+            results = run_job(job, force=force, backbone=shared_backbone(job, backbones))
             progress_log.info("[%d/%d] finished %s: %s", k, len(jobs), job.name, accuracies(results))
             outcome.finished.append(job.name)
         except AlignedNormError as exc:  # a user-facing error: its one line says it all
@@ -150,12 +156,8 @@ def _start_process(threads: int) -> None:
 def _run_in_process(job: Job, force: bool) -> tuple[str, str | None]:
     """``(accuracies, None)`` or ``("", error)``: one job in a :func:`run_processes` process."""
     job.progress = False
-    key = (job.clip, job.clip_model, job.device)
     try:
-        if key not in _PROCESS_BACKBONES:
-            _PROCESS_BACKBONES.clear()  # keep one backbone in memory
-            _PROCESS_BACKBONES[key] = load_backbone(job)
-        return accuracies(run_job(job, force=force, backbone=_PROCESS_BACKBONES[key])), None
+        return accuracies(run_job(job, force=force, backbone=shared_backbone(job, _PROCESS_BACKBONES))), None
     except AlignedNormError as exc:
         return "", str(exc)
     except Exception:  # noqa: BLE001  (reported with its traceback; the sweep goes on)
