@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from alignednorm.backbone import eva
 from alignednorm.backbone.blocks import lean_applies, run_block
 from alignednorm.backbone.chunks import encode_text_in_chunks
+from alignednorm.backbone.frozen_memo import FrozenPassMemo, autocast_on_cpu
 from alignednorm.backbone.hooks import Prefix, PromptHook, PromptState, Trace, splice
 from alignednorm.backbone.loading import load_clip
 from alignednorm.backbone.shared_text import run_shared, shareable
@@ -89,6 +90,7 @@ class ClipBackbone(nn.Module):
         self.share_text_prefix = True  # compute prompts' common beginning once (see backbone.shared_text)
         self.text_chunk: int | None = None  # at most this many prompts at once (None: all); see backbone.chunks
         self.tokenizer = SimpleTokenizer(context_length=self.context_length)
+        self.frozen_memo: FrozenPassMemo | None = None  # see memoize_frozen_passes
 
     def _set_text_options(self, values: dict) -> dict:
         """Set the text-tower switches in ``values``; returns their previous values."""
@@ -114,6 +116,21 @@ class ClipBackbone(nn.Module):
         finally:
             for name, value in saved.items():
                 setattr(self, name, value)
+
+    @contextlib.contextmanager
+    def memoize_frozen_passes(self, max_bytes: int):
+        """Keep the image tower's frozen passes for a ``with`` block, for runs that see the same batches.
+
+        Inside it, :meth:`image_prefix` and the frozen rest of the tower after it (``encode_image`` from
+        a prefix, no hook, no trace) are computed once per input content (:mod:`.frozen_memo`: exact,
+        CPU tensors, at most ``max_bytes`` held). Yields the memo (its ``hits`` / ``misses``).
+        """
+        saved = self.frozen_memo
+        self.frozen_memo = FrozenPassMemo(list(self.model.visual.parameters()), max_bytes)
+        try:
+            yield self.frozen_memo
+        finally:
+            self.frozen_memo = saved
 
     @classmethod
     def from_file(cls, path: str | Path, model_name: str | None = None, **text_options) -> ClipBackbone:
@@ -274,10 +291,14 @@ class ClipBackbone(nn.Module):
             if hook is not None or trace is not None or prefix is not None:
                 self.require_vit("a vision prompt hook, trace or prefix")
             return TowerOutput(self.model.visual(images), None, None)
+        frozen_rest = prefix is not None and hook is None and trace is None and self._memoizes()
+        if frozen_rest and (done := self.frozen_memo.continuation(prefix.states, prefix.layer)) is not None:
+            return done
         x, state, first = self._start(prefix, images, self.embed_image)
         x = self._run_image_blocks(x, self._image_blocks, hook, trace, state, first)
         tokens = self.image_final_norm(x)
-        return TowerOutput(self.pool_image(tokens), tokens, x, state.start, state.n, trace)
+        out = TowerOutput(self.pool_image(tokens), tokens, x, state.start, state.n, trace)
+        return self.frozen_memo.store_continuation(prefix.states, prefix.layer, out) if frozen_rest else out
 
     def encode_image_tokens(self, images: Tensor, trace: Trace | None = None) -> Tensor:
         """Every output token of the image tower in the joint space, ``(B, 1 + G, E)`` (not normalised).
@@ -304,9 +325,20 @@ class ClipBackbone(nn.Module):
     def image_prefix(self, images: Tensor, upto: int, trace: Trace | None = None) -> Prefix:
         """The prompt-free sequence entering block ``upto`` (blocks ``1 .. upto-1`` run)."""
         self.require_vit("image_prefix")
+        unrecorded = trace is None or not trace.records_before(upto)
+        key = self.frozen_memo.key(images, upto) if unrecorded and self._memoizes() else None
+        states = None if key is None else self.frozen_memo.prefix(key)
+        if states is not None:
+            if trace is not None:
+                trace.ran_prompt_free(upto)
+            return Prefix(upto, states)
         blocks = self._image_blocks[: upto - 1]
         states = self._run_image_blocks(self.embed_image(images), blocks, None, trace, PromptState(), 1)
-        return Prefix(upto, states)
+        return Prefix(upto, states if key is None else self.frozen_memo.store_prefix(key, states))
+
+    def _memoizes(self) -> bool:
+        """Whether a frozen pass may use the memo now: one is kept, no gradient is recorded, no autocast."""
+        return self.frozen_memo is not None and not torch.is_grad_enabled() and not autocast_on_cpu()
 
     def _run_image_blocks(self, x, blocks, hook, trace, state, start_layer) -> Tensor:
         if self.is_eva:  # rotary embeddings and EVA's blocks

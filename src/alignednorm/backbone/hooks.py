@@ -105,6 +105,16 @@ class Trace:
         """Whether ``layer``'s hidden states are recorded."""
         return self.layers is None or layer in self.layers
 
+    def records_before(self, layer: int) -> bool:
+        """Whether anything of a block before ``layer`` would be kept (states, attention branch or weights)."""
+        keeps_states = (self.record_hidden or self.record_attn_out) and any(map(self.keeps, range(1, layer)))
+        return keeps_states or any(a < layer for a in self.attention_layers)
+
+    def ran_prompt_free(self, layer: int) -> None:
+        """Fill in what blocks ``1 .. layer-1`` run without prompts leave here when nothing of them is kept."""
+        self.positions.update(dict.fromkeys(range(1, layer), (0, 0)))
+        self.prompt_start = self.prompt_count = 0
+
     def record(self, layer: int, hidden: Tensor, attn_out: Tensor, weights: Tensor | None) -> None:
         """Keep what the flags ask for of one block: output, attention branch, attention probabilities."""
         if self.keeps(layer):

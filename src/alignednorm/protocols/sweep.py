@@ -4,6 +4,10 @@
 - ``processes``: independent jobs in parallel processes on this machine (CPU sweeps: a small model's
   step is dispatch-bound, so two one-thread jobs on two cores beat one two-thread job). Each process
   loads its backbone once and runs the jobs it is handed; numbers are those of ``inline``.
+
+In both, jobs that train on the same data run back to back in one process (:func:`same_data_groups`),
+sharing the backbone's frozen-pass memo: their runs draw the same batches, so a later run reuses the
+prompt-free prefix and frozen-teacher passes of an earlier one (exact; the numbers do not change).
 - ``local``: each job in its own process through ``submitit.LocalExecutor``: one job per visible GPU
   at a time, or one at a time on a CPU-only machine. Waits for all of them.
 - ``slurm``: one job array through ``submitit.SlurmExecutor`` (partition, GPUs, time, ...); returns
@@ -14,6 +18,7 @@ Finished runs are skipped in every mode, so re-submitting a partly finished swee
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -31,6 +36,8 @@ from .runner import Job, is_finished, load_backbone, run_job
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("alignednorm.progress")  # one line per job start and end (see engine.tracking)
 
+FROZEN_MEMO_BYTES = 512 << 20
+"""The most a process keeps of frozen passes for one group of same-data jobs (CPU memory)."""
 
 
 @dataclass
@@ -40,6 +47,11 @@ class SweepOutcome:
     finished: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     submitted: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        """Jobs that finished or failed so far."""
+        return len(self.finished) + len(self.failed)
 
 
 def run_submitted(job: Job, force: bool = False) -> dict:
@@ -87,22 +99,64 @@ def shared_backbone(job: Job, loaded: dict):
     return loaded[key]
 
 
+def same_data_groups(jobs: list[Job]) -> list[list[Job]]:
+    """The jobs, those training on the same data together (in order of first appearance).
+
+    Same data: dataset, class subset, shots, seed, data root and backbone. Such runs draw the same
+    batches (MMRL++ and AlignedNorm in a base-to-new sweep), so one process runs them back to back with
+    the backbone's frozen-pass memo. Jobs that train nothing stay alone: short, they fill a sweep's tail.
+    """
+    from alignednorm.methods import get_method_class
+
+    groups: dict = {}
+    for job in jobs:
+        same_data = (job.data_root, job.dataset, job.train_subset, job.shots, job.seed, job.clip, job.clip_model,
+                     job.device)
+        groups.setdefault(same_data if get_method_class(job.method).traits.learns else id(job), []).append(job)
+    return list(groups.values())
+
+
+def run_group(jobs: list[Job], force: bool, loaded: dict, started=lambda job: None):
+    """Run same-data jobs back to back on one backbone; yields ``(job, results, None)`` or ``(job, None, error)``.
+
+    ``error`` is the one-line message of a user-facing error, or the traceback of a bug; the others still run.
+    ``started(job)`` is called as each job begins.
+    """
+    with contextlib.ExitStack() as memo:
+        for job in jobs:
+            started(job)
+            try:
+                backbone = shared_backbone(job, loaded)  # the same one for the whole group
+                if len(jobs) > 1 and backbone.frozen_memo is None:
+                    memo.enter_context(backbone.memoize_frozen_passes(FROZEN_MEMO_BYTES))
+                yield job, run_job(job, force=force, backbone=backbone), None
+            except AlignedNormError as exc:  # a user-facing error: its one line says it all
+                yield job, None, str(exc)
+            except Exception:  # noqa: BLE001  (one broken dataset must not stop a 165-job sweep)
+                yield job, None, traceback.format_exc()
+
+
 def run_inline(jobs: list[Job], force: bool = False) -> SweepOutcome:
-    """Run the jobs here, one by one; a failing job is logged and the others still run."""
+    """Run the jobs here, one by one (same-data jobs together); a failing job is logged and the others still run."""
     outcome, backbones = SweepOutcome(), {}
-    for k, job in enumerate(jobs, 1):
-        progress_log.info("[%d/%d] started %s", k, len(jobs), job.name)
-        try:
-            results = run_job(job, force=force, backbone=shared_backbone(job, backbones))
-            progress_log.info("[%d/%d] finished %s: %s", k, len(jobs), job.name, accuracies(results))
-            outcome.finished.append(job.name)
-        except AlignedNormError as exc:  # a user-facing error: its one line says it all
-            log.error("%s failed: %s", job.name, exc)
-            outcome.failed[job.name] = str(exc)
-        except Exception as exc:  # noqa: BLE001  (one broken dataset must not stop a 165-job sweep)
-            log.error("%s failed:\n%s", job.name, traceback.format_exc())  # a bug: keep the traceback
-            outcome.failed[job.name] = f"{type(exc).__name__}: {exc}"
+
+    def started(job: Job) -> None:
+        progress_log.info("[%d/%d] started %s", outcome.count + 1, len(jobs), job.name)
+
+    for group in same_data_groups(jobs):
+        for job, results, error in run_group(group, force, backbones, started):
+            _report(outcome, len(jobs), job, None if results is None else accuracies(results), error)
     return outcome
+
+
+def _report(outcome: SweepOutcome, total: int, job: Job, summary: str | None, error: str | None) -> None:
+    """Log one finished or failed job and add it to ``outcome`` (a failure's last traceback line)."""
+    if error is None:
+        progress_log.info("[%d/%d] finished %s: %s", outcome.count + 1, total, job.name, summary)
+        outcome.finished.append(job.name)
+    else:
+        log.error("%s failed:%s%s", job.name, "\n" if "Traceback" in error else " ", error)
+        outcome.failed[job.name] = error.splitlines()[-1] if "Traceback" in error else error
 
 
 def run_processes(jobs: list[Job], force: bool = False, processes: int = 0) -> SweepOutcome:
@@ -118,19 +172,14 @@ def run_processes(jobs: list[Job], force: bool = False, processes: int = 0) -> S
     if not processes and any(job.device != "cpu" for job in jobs) and _cuda_available():
         log.info("--executor processes on a GPU machine runs one process (use --executor local: one per GPU)")
         processes = 1
-    count = max(1, min(processes or cpus, len(jobs)))
+    groups = same_data_groups(jobs)
+    count = max(1, min(processes or cpus, len(groups)))
     with ProcessPoolExecutor(count, mp_context=process_context(), initializer=_start_process,
                              initargs=(max(1, cpus // count),)) as pool:
-        pending = {pool.submit(_run_in_process, job, force): job for job in jobs}
-        for k, future in enumerate(as_completed(pending), 1):
-            job = pending[future]
-            summary, error = future.result()
-            if error is None:
-                progress_log.info("[%d/%d] finished %s: %s", k, len(jobs), job.name, summary)
-                outcome.finished.append(job.name)
-            else:
-                log.error("%s failed: %s", job.name, error)
-                outcome.failed[job.name] = error.splitlines()[-1] if "Traceback" in error else error
+        pending = [pool.submit(_run_in_process, group, force) for group in groups]
+        for future in as_completed(pending):
+            for job, summary, error in future.result():
+                _report(outcome, len(jobs), job, summary, error)
     return outcome
 
 
@@ -153,15 +202,12 @@ def _start_process(threads: int) -> None:
         pass
 
 
-def _run_in_process(job: Job, force: bool) -> tuple[str, str | None]:
-    """``(accuracies, None)`` or ``("", error)``: one job in a :func:`run_processes` process."""
-    job.progress = False
-    try:
-        return accuracies(run_job(job, force=force, backbone=shared_backbone(job, _PROCESS_BACKBONES))), None
-    except AlignedNormError as exc:
-        return "", str(exc)
-    except Exception:  # noqa: BLE001  (reported with its traceback; the sweep goes on)
-        return "", traceback.format_exc()
+def _run_in_process(jobs: list[Job], force: bool) -> list[tuple[Job, str | None, str | None]]:
+    """``(job, accuracies, None)`` or ``(job, None, error)`` per job of a group, in a :func:`run_processes` process."""
+    for job in jobs:
+        job.progress = False
+    return [(job, None if results is None else accuracies(results), error)
+            for job, results, error in run_group(jobs, force, _PROCESS_BACKBONES)]
 
 
 def accuracies(results: dict[str, dict]) -> str:
