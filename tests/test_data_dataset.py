@@ -4,9 +4,11 @@ import pytest
 import torch
 from open_clip import OPENAI_DATASET_MEAN
 from PIL import Image
+from torchvision import transforms as T
 
 from alignednorm.data import ImageListDataset, Item, build_transform, class_prompts
 from alignednorm.data.dataset import SkippedImage
+from alignednorm.data.transforms import ToNormalizedTensor
 from alignednorm.engine.batches import collate_readable, image_batches
 from alignednorm.errors import DataError
 
@@ -29,6 +31,14 @@ def test_transforms_output_shape_and_normalisation(tmp_path):
     assert train_tf.transforms[0].scale == (0.5, 1.0)
     assert [type(t).__name__ for t in test_tf.transforms][:2] == ["Resize", "CenterCrop"]
     assert test_tf.transforms[0].interpolation.value == "bicubic"
+
+
+def test_lean_to_tensor_and_normalise_equals_torchvision_bit_for_bit():
+    pixels = torch.randint(0, 256, (37, 23, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rgb, grey = Image.fromarray(pixels.numpy()), Image.fromarray(pixels[:, :, 0].numpy(), "L")  # grey: torchvision's
+    for image, mean, std in ((rgb, (0.1, 0.5, 0.9), (0.2, 0.3, 0.05)), (grey, (0.4,), (0.3,))):
+        got, expected = ToNormalizedTensor(mean, std)(image), T.Compose([T.ToTensor(), T.Normalize(mean, std)])(image)
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
 
 
 def test_dataset_reads_jpeg_png_and_grey(tmp_path):
