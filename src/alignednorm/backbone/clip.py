@@ -121,9 +121,9 @@ class ClipBackbone(nn.Module):
     def memoize_frozen_passes(self, max_bytes: int):
         """Keep the image tower's frozen passes for a ``with`` block, for runs that see the same batches.
 
-        Inside it, :meth:`image_prefix` and the frozen rest of the tower after it (``encode_image`` from
-        a prefix, no hook, no trace) are computed once per input content (:mod:`.frozen_memo`: exact,
-        CPU tensors, at most ``max_bytes`` held). Yields the memo (its ``hits`` / ``misses``).
+        Inside it, :meth:`image_prefix` and :meth:`frozen_features` (the frozen rest of the tower after
+        it) are computed once per input content (:mod:`.frozen_memo`: exact, CPU tensors, at most
+        ``max_bytes`` held). Yields the memo (its ``hits`` / ``misses``).
         """
         saved = self.frozen_memo
         self.frozen_memo = FrozenPassMemo(list(self.model.visual.parameters()), max_bytes)
@@ -291,14 +291,25 @@ class ClipBackbone(nn.Module):
             if hook is not None or trace is not None or prefix is not None:
                 self.require_vit("a vision prompt hook, trace or prefix")
             return TowerOutput(self.model.visual(images), None, None)
-        frozen_rest = prefix is not None and hook is None and trace is None and self._memoizes()
-        if frozen_rest and (done := self.frozen_memo.continuation(prefix.states, prefix.layer)) is not None:
-            return done
         x, state, first = self._start(prefix, images, self.embed_image)
         x = self._run_image_blocks(x, self._image_blocks, hook, trace, state, first)
         tokens = self.image_final_norm(x)
-        out = TowerOutput(self.pool_image(tokens), tokens, x, state.start, state.n, trace)
-        return self.frozen_memo.store_continuation(prefix.states, prefix.layer, out) if frozen_rest else out
+        return TowerOutput(self.pool_image(tokens), tokens, x, state.start, state.n, trace)
+
+    def frozen_features(self, prefix: Prefix) -> Tensor:
+        """Features ``(B, E)`` of the image tower's prompt-free rest from ``prefix``, without gradient (a teacher).
+
+        Equal to ``encode_image(prefix=prefix).features`` under ``no_grad``; taken from the frozen-pass memo
+        when ``prefix`` came from it (see :meth:`memoize_frozen_passes`).
+        """
+        with torch.no_grad():
+            memo = self.frozen_memo if self._memoizes() else None
+            features = None if memo is None else memo.continuation(prefix.states, prefix.layer)
+            if features is None:
+                features = self.encode_image(prefix=prefix).features
+                if memo is not None:
+                    features = memo.store_continuation(prefix.states, prefix.layer, features)
+            return features
 
     def encode_image_tokens(self, images: Tensor, trace: Trace | None = None) -> Tensor:
         """Every output token of the image tower in the joint space, ``(B, 1 + G, E)`` (not normalised).

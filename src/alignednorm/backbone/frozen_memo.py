@@ -14,12 +14,12 @@ Entries leave oldest first once ``max_bytes`` is reached.
 
 What is kept is copied into large blocks allocated for the purpose: kept in place, the small tensors a
 step leaves behind would scatter the allocator's heap, and a tiny model's step, whose temporaries
-otherwise reuse the same warm memory every step, measured 7 % slower.
+otherwise reuse the same warm memory every step, measured 7 % slower. Only the teacher's features are
+kept of the continuation: keeping its token states as well measured 3 % slower for the earlier run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,7 +34,7 @@ class _Entry:
     layer: int
     signature: int
     nbytes: int
-    continuation: object | None = None  # what the frozen rest of the tower made of ``states``
+    continuation: Tensor | None = None  # the features the frozen rest of the tower made of ``states``
 
 
 @dataclass
@@ -92,8 +92,8 @@ class FrozenPassMemo:
         self._evict()
         return states
 
-    def continuation(self, states: Tensor, layer: int):
-        """What the frozen rest of the tower made of these very ``states`` (a stored prefix), or None."""
+    def continuation(self, states: Tensor, layer: int) -> Tensor | None:
+        """The features the frozen rest of the tower made of these very ``states`` (a stored prefix), or None."""
         entry = self._entry_of(states, layer)
         if entry is None:
             return None
@@ -103,15 +103,14 @@ class FrozenPassMemo:
         self.hits += 1
         return entry.continuation
 
-    def store_continuation(self, states: Tensor, layer: int, value):
-        """Keep ``value`` (a dataclass of tensors) beside the stored prefix ``states``; returns what to use."""
+    def store_continuation(self, states: Tensor, layer: int, features: Tensor) -> Tensor:
+        """Keep ``features`` beside the stored prefix ``states``; returns what to use (the kept copy)."""
         entry = self._entry_of(states, layer)
         if entry is None or entry.signature != self.signature() or entry.continuation is not None:
-            return value
-        tensors = {k: self._keep(t) for k, t in vars(value).items() if isinstance(t, Tensor)}
-        extra = sum(map(_nbytes, tensors.values()))
-        entry.continuation = dataclasses.replace(value, **tensors)
-        entry.nbytes, self._bytes = entry.nbytes + extra, self._bytes + extra
+            return features
+        entry.continuation = self._keep(features)
+        entry.nbytes += _nbytes(features)
+        self._bytes += _nbytes(features)
         self._evict()
         return entry.continuation
 

@@ -237,9 +237,8 @@ class MMRLpp(Method):
     def task_terms(self, outputs: Outputs, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """MMRL++'s loss: weighted CE of both branches + λ·(image and text cosine anchors)."""
         b, alpha, lam = outputs.branches, self.config.class_branch_weight, self.config.reg_weight
-        with torch.no_grad():  # the frozen teacher continues from the shared prompt-free prefix
-            frozen = self.backbone.encode_image(prefix=Prefix(self.first_layer, b["image_prefix"])).features
-            frozen_image = F.normalize(frozen, dim=-1)
+        # The frozen teacher continues from the shared prompt-free prefix.
+        frozen_image = F.normalize(self.backbone.frozen_features(Prefix(self.first_layer, b["image_prefix"])), dim=-1)
         ce_cls = F.cross_entropy(b["logits_cls"], labels)
         ce_rep = F.cross_entropy(b["logits_rep"], labels)
         reg_img = lam * cosine_anchor(b["f_c"], frozen_image)
