@@ -4,14 +4,14 @@
 - ``processes``: independent jobs in parallel processes on this machine (CPU sweeps: a small model's
   step is dispatch-bound, so two one-thread jobs on two cores beat one two-thread job). Each process
   loads its backbone once and runs the jobs it is handed; numbers are those of ``inline``.
-
-In both, jobs that train on the same data run back to back in one process (:func:`same_data_groups`),
-sharing the backbone's frozen-pass memo: their runs draw the same batches, so a later run reuses the
-prompt-free prefix and frozen-teacher passes of an earlier one (exact; the numbers do not change).
 - ``local``: each job in its own process through ``submitit.LocalExecutor``: one job per visible GPU
   at a time, or one at a time on a CPU-only machine. Waits for all of them.
 - ``slurm``: one job array through ``submitit.SlurmExecutor`` (partition, GPUs, time, ...); returns
   once submitted. Job logs and pickles go to ``<output>/.submitit``.
+
+``inline`` and ``processes`` run jobs that train on the same data back to back in one process
+(:func:`same_data_groups`), sharing the backbone's frozen-pass memo: their runs draw the same batches, so
+a later run reuses the prompt-free prefix and frozen-teacher passes of an earlier one (exact).
 
 Finished runs are skipped in every mode, so re-submitting a partly finished sweep only runs the rest.
 """
