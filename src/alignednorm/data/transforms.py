@@ -53,7 +53,8 @@ class ToNormalizedTensor:
     """``ToTensor`` then ``Normalize``, as the same tensor operations without their per-call set-up.
 
     torchvision's pair builds the mean and std tensors and checks the std on every image: half the time
-    of a small image's augmentation. RGB images take the lean path (bitwise equal, tested); other modes the pair.
+    of a small image's augmentation. RGB images take the lean path (bitwise equal, tested); other modes, and
+    a default dtype other than float32, the pair.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
@@ -62,7 +63,7 @@ class ToNormalizedTensor:
         self.reference = T.Compose([T.ToTensor(), T.Normalize(mean=tuple(mean), std=tuple(std))])
 
     def __call__(self, image) -> torch.Tensor:
-        if getattr(image, "mode", None) != "RGB":
+        if getattr(image, "mode", None) != "RGB" or torch.get_default_dtype() != torch.float32:
             return self.reference(image)
         pixels = torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1).contiguous()
         return pixels.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
