@@ -45,15 +45,16 @@ class FrozenPassMemo:
         weights: the tower's parameters; an in-place change to any of them invalidates every entry.
         max_bytes: the most tensor memory the entries may hold.
         hits, misses: lookups of prefixes and continuations answered from the memo or not.
+        nbytes: the tensor memory the entries hold now.
     """
 
     weights: list[Tensor]
     max_bytes: int
     hits: int = 0
     misses: int = 0
+    nbytes: int = 0
     _entries: OrderedDict = field(default_factory=OrderedDict)
     _by_states: dict = field(default_factory=dict)
-    _bytes: int = 0
     _block: Tensor | None = None
     _block_used: int = 0
 
@@ -85,10 +86,10 @@ class FrozenPassMemo:
         if old is not None:
             self._forget(old)
         states = self._keep(states)
-        entry = _Entry(states, key[0], self.signature(), _nbytes(states))
+        entry = _Entry(states, key[0], self.signature(), states.nbytes)
         self._entries[key] = entry
         self._by_states[id(states)] = key
-        self._bytes += entry.nbytes
+        self.nbytes += entry.nbytes
         self._evict()
         return states
 
@@ -109,14 +110,10 @@ class FrozenPassMemo:
         if entry is None or entry.signature != self.signature() or entry.continuation is not None:
             return features
         entry.continuation = self._keep(features)
-        entry.nbytes += _nbytes(features)
-        self._bytes += _nbytes(features)
+        entry.nbytes += features.nbytes
+        self.nbytes += features.nbytes
         self._evict()
         return entry.continuation
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
 
     def _entry_of(self, states: Tensor, layer: int) -> _Entry | None:
         key = self._by_states.get(id(states))
@@ -127,27 +124,23 @@ class FrozenPassMemo:
         """A copy of ``tensor`` in the current block (a new block when it is full; a block lives while a copy does)."""
         if not tensor.is_contiguous():
             return tensor
-        size = -(-_nbytes(tensor) // 64) * 64  # 64-byte aligned, whatever the dtype
+        size = -(-tensor.nbytes // 64) * 64  # 64-byte aligned, whatever the dtype
         if self._block is None or self._block_used + size > self._block.numel():
             self._block, self._block_used = torch.empty(max(BLOCK_BYTES, size), dtype=torch.uint8), 0
         start, self._block_used = self._block_used, self._block_used + size
-        kept = self._block[start : start + _nbytes(tensor)].view(tensor.dtype).view(tensor.shape)
+        kept = self._block[start : start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
         return kept.copy_(tensor)
 
     def _forget(self, entry: _Entry) -> None:
         self._by_states.pop(id(entry.states), None)
-        self._bytes -= entry.nbytes
+        self.nbytes -= entry.nbytes
 
     def _evict(self) -> None:
-        while self._bytes > self.max_bytes and self._entries:
+        while self.nbytes > self.max_bytes and self._entries:
             self._forget(self._entries.popitem(last=False)[1])
 
 
 BLOCK_BYTES = 8 << 20
-
-
-def _nbytes(tensor: Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
 
 
 def autocast_on_cpu() -> bool:
